@@ -1,0 +1,1 @@
+"""Evaluation: the embedded task suite (``tasks``), the text corpus (``corpus``) and evaluators."""
