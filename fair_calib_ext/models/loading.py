@@ -1,0 +1,315 @@
+"""Building, loading and saving DiffusionLMs in the official Hugging Face layouts.
+
+Nothing here executes code from a checkpoint directory: config.json is parsed as JSON and
+weights are read from safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import dream, llada
+from .config import ModelConfig
+from .transformer import DiffusionLM
+
+__all__ = [
+    "ASSETS_DIR",
+    "available_embedded",
+    "resolve_model_path",
+    "read_config",
+    "parse_official_config",
+    "official_config",
+    "build_model",
+    "load_pretrained",
+    "save_pretrained",
+    "load_tokenizer",
+    "load_generation_config",
+    "CheckpointError",
+]
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+
+_FAMILIES = {llada.MODEL_TYPE: llada, dream.MODEL_TYPE: dream}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded (missing files, names or shapes)."""
+
+
+def available_embedded() -> list[str]:
+    """Names of the embedded models shipped under fair_calib_ext/assets/."""
+    if not ASSETS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in ASSETS_DIR.iterdir() if (p / "config.json").is_file())
+
+
+def resolve_model_path(path_or_name: str | os.PathLike[str]) -> Path:
+    """A local directory, or an embedded model name -> its directory under assets/."""
+    p = Path(path_or_name).expanduser()
+    if p.is_dir():
+        return p
+    name = str(path_or_name)
+    if os.sep not in name and "/" not in name:
+        cand = ASSETS_DIR / name
+        if (cand / "config.json").is_file():
+            return cand
+        avail = available_embedded()
+        raise CheckpointError(
+            f"{name!r} is neither a directory nor an embedded model; embedded models available: "
+            f"{', '.join(avail) if avail else 'none yet (fair_calib_ext/assets/ is empty)'}"
+        )
+    raise CheckpointError(f"model directory not found: {p}")
+
+
+def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """config.json of a checkpoint directory as a dict."""
+    f = Path(path) / "config.json"
+    if not f.is_file():
+        raise CheckpointError(f"{path}: no config.json")
+    with open(f, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def parse_official_config(cfg: dict[str, Any]) -> ModelConfig:
+    """Dispatch on ``model_type`` ("llada" or "Dream") to the family parser."""
+    mt = cfg.get("model_type")
+    if mt not in _FAMILIES:
+        # tolerate case differences ("dream"), but name the accepted spellings on failure
+        lower = {k.lower(): v for k, v in _FAMILIES.items()}
+        if isinstance(mt, str) and mt.lower() in lower:
+            return lower[mt.lower()].parse_config(cfg)
+        raise CheckpointError(f"unsupported model_type {mt!r}; expected one of {sorted(_FAMILIES)}")
+    return _FAMILIES[mt].parse_config(cfg)
+
+
+def _family_module(config: ModelConfig):
+    return llada if config.family == "llada" else dream
+
+
+def official_config(config: ModelConfig) -> dict[str, Any]:
+    """The official config.json dict for a ModelConfig."""
+    return _family_module(config).official_config(config)
+
+
+def _init_weights(model: DiffusionLM, std: float, generator: torch.Generator | None) -> None:
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            with torch.no_grad():
+                w = torch.empty(m.weight.shape, dtype=torch.float32)
+                w.normal_(0.0, std, generator=generator)
+                m.weight.copy_(w)
+                if getattr(m, "bias", None) is not None:
+                    b = torch.empty(m.bias.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+                    m.bias.copy_(b)
+
+
+def build_model(
+    config: ModelConfig,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int | None = 0,
+    init_std: float = 0.02,
+) -> DiffusionLM:
+    """A randomly initialised DiffusionLM (normal(0, init_std) linears/embeddings, unit norms).
+
+    ``seed`` makes the weights reproducible (drawn in fp32 on CPU, then cast).
+    """
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    model = DiffusionLM(config)
+    _init_weights(model, init_std, gen)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _shard_files(path: Path) -> dict[str, list[str]]:
+    """file -> tensor names, from model.safetensors or a sharded index."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if index.is_file():
+        with open(index, encoding="utf-8") as fh:
+            wmap: dict[str, str] = json.load(fh)["weight_map"]
+        files: dict[str, list[str]] = {}
+        for name, fname in wmap.items():
+            files.setdefault(fname, []).append(name)
+        for fname in files:
+            if not (path / fname).is_file():
+                raise CheckpointError(f"{path}: shard {fname} listed in the index is missing")
+        return files
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as f:
+            return {"model.safetensors": list(f.keys())}
+    if list(path.glob("*.bin")) or list(path.glob("*.pt")):
+        raise CheckpointError(f"{path}: only safetensors checkpoints are supported (found .bin/.pt files)")
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def load_pretrained(
+    path_or_name: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """Load an official LLaDA/Dream directory, an embedded model name, or a quantized dir.
+
+    The model is built on the meta device and each tensor is assigned as it is read (converted
+    to ``dtype`` on ``device``), so peak memory stays near one copy of the weights. Every
+    official tensor name is mapped and its shape checked; missing or unexpected tensors raise
+    :class:`CheckpointError` listing them. Directories whose config.json has a
+    ``quantization_config`` block are handed to ``fair_calib_ext.calib.checkpoint.load_quantized``.
+    """
+    from safetensors import safe_open
+
+    path = resolve_model_path(path_or_name)
+    raw = read_config(path)
+    if "quantization_config" in raw:
+        from ..calib.checkpoint import load_quantized  # another package's module: import lazily
+
+        return load_quantized(path, dtype=dtype, device=device)
+    config = parse_official_config(raw)
+    fam = _family_module(config)
+    device = torch.device(device)
+
+    with torch.device("meta"):
+        model = DiffusionLM(config)
+    expected = {n: p for n, p in model.named_parameters(remove_duplicate=True)}
+    tied = config.tie_word_embeddings
+
+    files = _shard_files(path)
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    bad_shape: list[str] = []
+    modules = dict(model.named_modules())
+    for fname, names in files.items():
+        with safe_open(str(path / fname), framework="pt", device="cpu") as f:
+            for oname in names:
+                nname = fam.official_to_native(oname)
+                if tied and nname == "lm_head.weight":
+                    continue  # a tied checkpoint that also stores the head: the copy is redundant
+                if nname is None or nname not in expected:
+                    unexpected.append(oname)
+                    continue
+                ref = expected[nname]
+                sl = f.get_slice(oname)
+                shape = tuple(sl.get_shape())
+                if shape != tuple(ref.shape):
+                    bad_shape.append(f"{oname}: checkpoint {list(shape)} vs model {list(ref.shape)}")
+                    continue
+                t = f.get_tensor(oname).to(device=device, dtype=dtype)
+                mod_name, _, pname = nname.rpartition(".")
+                setattr(modules[mod_name], pname, nn.Parameter(t, requires_grad=False))
+                seen.add(nname)
+    missing = sorted(fam.native_to_official(n) for n in expected if n not in seen)
+    if missing or unexpected or bad_shape:
+        parts = [f"cannot load {path} as {config.family}:"]
+        if missing:
+            parts.append(f"missing tensors ({len(missing)}): {', '.join(missing[:20])}"
+                         + (" ..." if len(missing) > 20 else ""))
+        if unexpected:
+            parts.append(f"unexpected tensors ({len(unexpected)}): {', '.join(sorted(unexpected)[:20])}"
+                         + (" ..." if len(unexpected) > 20 else ""))
+        if bad_shape:
+            parts.append(f"shape mismatches ({len(bad_shape)}): {'; '.join(bad_shape[:20])}")
+        raise CheckpointError("\n  ".join(parts))
+    if tied:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.requires_grad_(True)
+    return model.eval()
+
+
+def _atomic_write(target: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_pretrained(
+    model: DiffusionLM,
+    path: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int | None = None,
+    generation_config: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` in the official layout: config.json + model.safetensors (official names).
+
+    ``max_shard_bytes`` splits the weights into model-0000i-of-0000n.safetensors with a
+    model.safetensors.index.json, as Hugging Face does. ``generation_config`` (a dict) is
+    written as generation_config.json. Files are written under temporary names and renamed.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    fam = _family_module(cfg)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters(remove_duplicate=True):
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        t = p.detach()
+        if dtype is not None:
+            t = t.to(dtype)
+        tensors[fam.native_to_official(name)] = t.to("cpu").contiguous()
+    meta = {"format": "pt"}
+    if max_shard_bytes is None:
+        _atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
+    else:
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for k, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][k] = t
+            size += nbytes
+        n = len(shards)
+        wmap = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            _atomic_write(out / fname, lambda tmp, s=shard: save_file(s, tmp, metadata=meta))
+            wmap.update({k: fname for k in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(wmap.items()))}
+        _atomic_write(out / "model.safetensors.index.json",
+                      lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2) + "\n"))
+    off = official_config(cfg)
+    if dtype is not None:
+        off["torch_dtype"] = str(dtype).replace("torch.", "")
+    _atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(off, indent=2) + "\n"))
+    if generation_config is not None:
+        _atomic_write(out / "generation_config.json",
+                      lambda tmp: Path(tmp).write_text(json.dumps(generation_config, indent=2) + "\n"))
+    return out
+
+
+def load_generation_config(path_or_name: str | os.PathLike[str]) -> dict[str, Any]:
+    """generation_config.json of a checkpoint as a dict ({} when absent)."""
+    f = resolve_model_path(path_or_name) / "generation_config.json"
+    if not f.is_file():
+        return {}
+    with open(f, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def load_tokenizer(path_or_name: str | os.PathLike[str]):
+    """The checkpoint's tokenizer via transformers.AutoTokenizer, local files only, no remote code."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(path_or_name)
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
