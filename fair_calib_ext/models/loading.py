@@ -125,6 +125,7 @@ def build_model(
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     model = DiffusionLM(config)
     _init_weights(model, init_std, gen)
+    model.generation_config = {}
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -222,6 +223,8 @@ def load_pretrained(
     if tied:
         model.lm_head.weight = model.embed_tokens.weight
     model.requires_grad_(True)
+    # the samplers take Dream's defaults (top_p, top_k, alg_temp, eps) from here
+    model.generation_config = load_generation_config(path)
     return model.eval()
 
 
