@@ -1,0 +1,146 @@
+"""Exact-match accuracy on the embedded task suite, decoding with the diffusion sampler.
+
+Prompts are grouped by token length and decoded in batches of equal length, so no padding (and
+no position shift from left padding) enters the tiny models; real checkpoints with long prompts
+go through the same path. Decoding settings (``gen_kwargs``) are passed straight to
+``fair_calib_ext.sampling.generate``; :func:`default_gen_kwargs` gives the project defaults.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "default_gen_kwargs",
+    "encode_prompts",
+    "length_buckets",
+    "decode_generation",
+    "generate_texts",
+    "task_examples",
+    "score_predictions",
+    "summarize_accuracy",
+]
+
+
+def default_gen_kwargs(
+    model: Any,
+    *,
+    gen_length: int | None = None,
+    steps: int | None = None,
+    block_length: int | None = None,
+    remasking: str | None = None,
+    generation_config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Sampler settings: explicit arguments, then the checkpoint's generation_config.json
+    (keys ``gen_length``/``max_new_tokens``, ``steps``, ``block_length``, ``remasking``/``alg``),
+    then defaults: the task suite's GEN_LENGTH, steps = gen_length (one token per step), LLaDA
+    one block with ``low_confidence``, Dream its timestep schedule (no blocks) with ``entropy``;
+    temperature 0."""
+    from .tasks import GEN_LENGTH
+
+    gc = dict(generation_config or {})
+    family = getattr(model.config, "family", "llada")
+    g = int(gen_length or gc.get("gen_length") or gc.get("max_new_tokens") or GEN_LENGTH)
+    s = int(steps or gc.get("steps") or g)
+    bl = block_length or gc.get("block_length")
+    if bl is not None and g % int(bl) != 0:
+        bl = None  # a checkpoint default that does not divide a user's gen_length: one block
+    if bl is None and family != "dream":
+        bl = g  # LLaDA: one block = pure diffusion; Dream without blocks uses its timestep schedule
+    rm = remasking or gc.get("remasking") or gc.get("alg") or ("entropy" if family == "dream" else "low_confidence")
+    return {"gen_length": g, "steps": s, "block_length": None if bl is None else int(bl), "remasking": rm,
+            "temperature": 0.0}
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], prefix_ids: Sequence[int] = ()) -> list[list[int]]:
+    """Token ids of each prompt (no special tokens added), after ``prefix_ids`` (e.g. [BOS])."""
+    return [list(prefix_ids) + list(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+
+
+def length_buckets(seqs: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of equal sequence length (≤ batch_size each), stable order."""
+    by_len: dict[int, list[int]] = defaultdict(list)
+    for i, s in enumerate(seqs):
+        by_len[len(s)].append(i)
+    out = []
+    for n in sorted(by_len):
+        idx = by_len[n]
+        out += [idx[k : k + batch_size] for k in range(0, len(idx), batch_size)]
+    return out
+
+
+def decode_generation(tokenizer: Any, gen_ids: Sequence[int], eos_id: int | None) -> str:
+    """Text of a generated region up to (not including) the first EOS."""
+    ids = list(gen_ids)
+    if eos_id is not None and eos_id in ids:
+        ids = ids[: ids.index(eos_id)]
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+@torch.no_grad()
+def generate_texts(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    gen_kwargs: dict[str, Any],
+    batch_size: int = 32,
+    eos_id: int | None = None,
+    progress: bool = False,
+    desc: str = "generate",
+    on_batch: Callable[[list[int], Tensor], None] | None = None,
+) -> list[str]:
+    """Decode every prompt; returns the generated text (before EOS) in input order."""
+    from fair_calib_ext.sampling import generate
+
+    device = _device(model)
+    texts: list[str] = [""] * len(prompt_ids)
+    batches = length_buckets(prompt_ids, batch_size)
+    it: Iterable = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(batches, desc=desc, leave=False)
+    eos = eos_id if eos_id is not None else getattr(model.config, "eos_token_id", None)
+    for idx in it:
+        x = torch.tensor([list(prompt_ids[i]) for i in idx], dtype=torch.long, device=device)
+        out = generate(model, x, **gen_kwargs)
+        gen = out[:, x.shape[1] :].cpu()
+        if on_batch is not None:
+            on_batch(idx, gen)
+        for j, i in enumerate(idx):
+            texts[i] = decode_generation(tokenizer, gen[j].tolist(), eos)
+    return texts
+
+
+def _device(model: Any) -> torch.device:
+    dev = getattr(model, "device", None)
+    return dev if isinstance(dev, torch.device) else next(model.parameters()).device
+
+
+def task_examples(tasks: Sequence[str], n: int, seed: int, split: str = "test") -> list[Any]:
+    """``n`` examples per task from the embedded suite, tasks in the given order."""
+    from .tasks import make_examples
+
+    return [ex for t in tasks for ex in make_examples(t, split, n, seed=seed)]
+
+
+def score_predictions(examples: Sequence[Any], texts: Sequence[str]) -> list[bool]:
+    """Exact match of each prediction with its example's answer (tasks.score)."""
+    from .tasks import score
+
+    return [bool(score(t, ex.answer)) for ex, t in zip(examples, texts)]
+
+
+def summarize_accuracy(tasks: Sequence[str], examples: Sequence[Any], correct: Sequence[bool]) -> dict[str, Any]:
+    """Per-task accuracy (fraction), counts and the unweighted average over tasks."""
+    per: dict[str, dict[str, float]] = {}
+    for t in tasks:
+        hits = [c for ex, c in zip(examples, correct) if ex.task == t]
+        per[t] = {"acc": (sum(hits) / len(hits)) if hits else float("nan"), "n": len(hits), "correct": sum(hits)}
+    vals = [v["acc"] for v in per.values() if v["n"]]
+    return {"per_task": per, "avg": sum(vals) / len(vals) if vals else float("nan")}
