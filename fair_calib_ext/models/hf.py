@@ -33,6 +33,8 @@ def _make_config_class(model_type: str, class_name: str, arch: str) -> type:
 
     def __init__(self: Any, **kwargs: Any) -> None:
         kwargs.setdefault("architectures", [arch])
+        if kwargs.get("rope_scaling", 0) is None:  # Dream writes null; transformers 5 warns on the key
+            kwargs.pop("rope_scaling")
         PretrainedConfig.__init__(self, **kwargs)
 
     return type(

@@ -54,7 +54,7 @@ def tiny_model(family: str = "llada", *, seed: int = 0, init_std: float = 0.5,
 
 
 def tiny_checkpoint(path: str | os.PathLike[str], family: str = "llada", *, seed: int = 0,
-                    max_shard_bytes: int | None = None, **overrides: Any) -> Path:
+                    init_std: float = 0.5, max_shard_bytes: int | None = None, **overrides: Any) -> Path:
     """Write a tiny random checkpoint in the official layout to ``path``; returns the path."""
-    model = tiny_model(family, seed=seed, **overrides)
+    model = tiny_model(family, seed=seed, init_std=init_std, **overrides)
     return save_pretrained(model, path, max_shard_bytes=max_shard_bytes)
