@@ -4,6 +4,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import torch  # noqa: F401,E402  (loads libtorch before the extension that links it)
+
 try:  # importing _C runs the TORCH_LIBRARY registrations of the fair:: ops
     from . import _C  # noqa: F401
 
@@ -14,3 +16,5 @@ except ImportError as exc:  # pure-Python parts stay importable without the exte
 
 if _C is not None:
     from . import ops  # noqa: F401,E402  (fake impls and autograd for the ops)
+
+from ._build_info import build_info  # noqa: E402,F401

@@ -1,0 +1,162 @@
+// Run-time selection of the CPU kernel path (cpuid + OS support + FAIR_CPU_ISA override).
+#include "cpu/isa.h"
+
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#define FAIR_X86 1
+#endif
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace fair::cpu {
+namespace {
+
+struct CpuFeatures {
+  bool avx2 = false;
+  bool avx512_vnni = false;  // with avx512f + avx512bw + avx512vl
+  bool amx_int8 = false;     // with amx-tile, and the OS granted XTILEDATA
+};
+
+#ifdef FAIR_X86
+uint64_t read_xcr0() {
+  uint32_t eax, edx;
+  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+  return (uint64_t(edx) << 32) | eax;
+}
+
+// Linux keeps AMX tile data disabled per process until it is requested.
+bool request_amx_permission() {
+#if defined(__linux__) && defined(__x86_64__)
+  constexpr long kArchGetXcompPerm = 0x1022, kArchReqXcompPerm = 0x1023;
+  constexpr int kXfeatureXtiledata = 18;
+  if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) return false;
+  unsigned long bitmask = 0;
+  if (syscall(SYS_arch_prctl, kArchGetXcompPerm, &bitmask) != 0) return false;
+  return (bitmask & (1ul << kXfeatureXtiledata)) != 0;
+#else
+  return false;
+#endif
+}
+#endif
+
+CpuFeatures detect() {
+  CpuFeatures f;
+#ifdef FAIR_X86
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  const bool osxsave = (c >> 27) & 1;
+  if (!osxsave) return f;
+  const uint64_t xcr0 = read_xcr0();
+  const bool os_avx = (xcr0 & 0x6) == 0x6;             // SSE + AVX state
+  const bool os_avx512 = os_avx && (xcr0 & 0xe0) == 0xe0;  // opmask + ZMM_Hi256 + Hi16_ZMM
+  const bool os_amx = (xcr0 & 0x60000) == 0x60000;     // XTILECFG + XTILEDATA
+  if (__get_cpuid_max(0, nullptr) < 7) return f;
+  __cpuid_count(7, 0, a, b, c, d);
+  const bool avx2 = (b >> 5) & 1;
+  const bool avx512f = (b >> 16) & 1, avx512bw = (b >> 30) & 1, avx512vl = (b >> 31) & 1;
+  const bool avx512vnni = (c >> 11) & 1;
+  const bool amx_tile = (d >> 24) & 1, amx_int8 = (d >> 25) & 1;
+  f.avx2 = avx2 && os_avx;
+  f.avx512_vnni = avx512f && avx512bw && avx512vl && avx512vnni && os_avx512;
+  f.amx_int8 = amx_tile && amx_int8 && avx512f && os_avx512 && os_amx && request_amx_permission();
+#endif
+  return f;
+}
+
+const CpuFeatures& features() {
+  static const CpuFeatures f = detect();
+  return f;
+}
+
+std::atomic<int> g_active{-1};
+std::once_flag g_init_once;
+
+}  // namespace
+
+const KernelTable& kernels(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx2: return kAvx2Kernels;
+    case Isa::kAvx512Vnni: return kAvx512VnniKernels;
+    case Isa::kAmx: return kAmxKernels;
+    default: return kScalarKernels;
+  }
+}
+
+const char* isa_name(Isa isa) { return kernels(isa).name; }
+
+bool parse_isa(const char* name, Isa* out) {
+  for (int i = 0; i < kNumIsa; ++i) {
+    if (std::strcmp(name, isa_name(Isa(i))) == 0) {
+      *out = Isa(i);
+      return true;
+    }
+  }
+  return false;
+}
+
+bool isa_supported(Isa isa) {
+  if (!kernels(isa).compiled) return false;
+  switch (isa) {
+    case Isa::kScalar: return true;
+    case Isa::kAvx2: return features().avx2;
+    case Isa::kAvx512Vnni: return features().avx512_vnni;
+    case Isa::kAmx: return features().amx_int8;
+  }
+  return false;
+}
+
+Isa best_isa() {
+  for (Isa isa : {Isa::kAmx, Isa::kAvx512Vnni, Isa::kAvx2}) {
+    if (isa_supported(isa)) return isa;
+  }
+  return Isa::kScalar;
+}
+
+Isa active_isa() {
+  std::call_once(g_init_once, [] {
+    if (g_active.load() >= 0) return;  // set_active_isa() ran first
+    Isa isa = best_isa();
+    const char* env = std::getenv("FAIR_CPU_ISA");
+    if (env != nullptr && *env != '\0' && std::strcmp(env, "auto") != 0) {
+      Isa wanted;
+      TORCH_CHECK(parse_isa(env, &wanted), "FAIR_CPU_ISA=", env,
+                  " is not one of: auto, scalar, avx2, avx512_vnni, amx");
+      if (isa_supported(wanted)) {
+        isa = wanted;
+      } else {
+        TORCH_WARN("FAIR_CPU_ISA=", env, " is not supported by this CPU/build; using ",
+                   isa_name(isa));
+      }
+    }
+    int expected = -1;
+    g_active.compare_exchange_strong(expected, int(isa));
+  });
+  return Isa(g_active.load());
+}
+
+Isa set_active_isa(Isa isa) {
+  TORCH_CHECK(isa_supported(isa), "CPU ISA path '", isa_name(isa),
+              "' is not supported here (compiled: ", kernels(isa).compiled ? "yes" : "no",
+              "; best available: ", isa_name(best_isa()), ")");
+  Isa prev = active_isa();
+  g_active.store(int(isa));
+  return prev;
+}
+
+float row_scale(float absmax, float clip) {
+  // IEEE division, not a reciprocal multiply; a zero (or fully underflowed) scale becomes 1 so
+  // that an all-zero row quantizes to codes 0 with scale 1.
+  float s = (clip * absmax) / 7.0f;
+  return s == 0.0f ? 1.0f : s;
+}
+
+}  // namespace fair::cpu

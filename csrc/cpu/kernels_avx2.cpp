@@ -1,0 +1,153 @@
+// AVX2 path: vpmaddubsw (u8 x s8 -> pairs summed into int16) with the unsigned-offset trick.
+//
+// B holds u = w + 8 in [0, 15] (unsigned operand), A holds s8 activations in [-8, 7]; the driver
+// subtracts 8 * rowsum(A). One vpmaddubsw lane (int16) = u0*a0 + u1*a1 in [-240, 210], so 128
+// quads (each adds one such pair per int16 lane) stay within [-30720, 26880]: we accumulate 128
+// quads in int16, then widen with vpmaddwd(·, 1) into the int32 C tile. No saturation can occur.
+//
+// Micro tile: kMr rows x 16 channels (one panel = two ymm of 8 lanes x 4 k); per quad two weight
+// loads, kMr 4-byte broadcasts of A and 2*kMr vpmaddubsw + vpaddw.
+#include "cpu/isa.h"
+
+#if defined(FAIR_HAVE_AVX2)
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#define FAIR_AVX2 __attribute__((target("avx2,fma")))
+
+namespace fair::cpu {
+namespace {
+
+constexpr int kMr = 6;
+constexpr int64_t kFlushQuads = 128;  // int16 accumulation bound, see the header comment
+
+FAIR_AVX2 inline __m256i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+FAIR_AVX2 void micro_6x16(const int8_t* A, int64_t lda, const uint8_t* B, int64_t kq, int32_t* C,
+                          int64_t ldc, bool accumulate) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i c32[kMr][2];
+  for (int i = 0; i < kMr; ++i) {
+    for (int h = 0; h < 2; ++h) {
+      c32[i][h] = accumulate ? _mm256_loadu_si256((const __m256i*)(C + i * ldc + 8 * h))
+                             : _mm256_setzero_si256();
+    }
+  }
+  for (int64_t q0 = 0; q0 < kq; q0 += kFlushQuads) {
+    const int64_t q1 = std::min(kq, q0 + kFlushQuads);
+    __m256i c16[kMr][2];
+    for (int i = 0; i < kMr; ++i) c16[i][0] = c16[i][1] = _mm256_setzero_si256();
+    const uint8_t* b = B + q0 * 64;
+    const int8_t* a = A + 4 * q0;
+    for (int64_t q = q0; q < q1; ++q, b += 64, a += 4) {
+      const __m256i w0 = _mm256_loadu_si256((const __m256i*)b);
+      const __m256i w1 = _mm256_loadu_si256((const __m256i*)(b + 32));
+      for (int i = 0; i < kMr; ++i) {
+        const __m256i av = bcast4(a + i * lda);
+        c16[i][0] = _mm256_add_epi16(c16[i][0], _mm256_maddubs_epi16(w0, av));
+        c16[i][1] = _mm256_add_epi16(c16[i][1], _mm256_maddubs_epi16(w1, av));
+      }
+    }
+    for (int i = 0; i < kMr; ++i) {
+      for (int h = 0; h < 2; ++h) {
+        c32[i][h] = _mm256_add_epi32(c32[i][h], _mm256_madd_epi16(c16[i][h], ones));
+      }
+    }
+  }
+  for (int i = 0; i < kMr; ++i) {
+    for (int h = 0; h < 2; ++h) _mm256_storeu_si256((__m256i*)(C + i * ldc + 8 * h), c32[i][h]);
+  }
+}
+
+FAIR_AVX2 void gemm_avx2(const int8_t* A, int64_t lda, int64_t mb, const uint8_t* B,
+                         int64_t npanels, int64_t kq, int32_t* C, int64_t ldc, bool accumulate) {
+  for (int64_t i = 0; i < mb; i += kMr) {
+    for (int64_t p = 0; p < npanels; ++p) {
+      micro_6x16(A + i * lda, lda, B + p * kq * 64, kq, C + i * ldc + 16 * p, ldc, accumulate);
+    }
+  }
+}
+
+}  // namespace
+
+// clamp(round_half_even(x / s), -8, 7) for 8 floats, as int32.
+FAIR_AVX2 static inline __m256i code8(const float* p, __m256 vs, __m256 lo, __m256 hi) {
+  const __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(p), vs),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+}
+
+// Same arithmetic as quantize_row_scalar: |x| max, s = row_scale, q = clamp(rne(x / s)).
+FAIR_AVX2 bool quantize_row_avx2(const float* x, int64_t K, float clip, int8_t* q, float* scale,
+                                 int32_t* rowsum) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 inf = _mm256_set1_ps(INFINITY);
+  __m256 vmax = _mm256_setzero_ps();
+  __m256 bad = _mm256_setzero_ps();  // lanes that saw |x| >= inf or NaN
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const __m256 v = _mm256_and_ps(_mm256_loadu_ps(x + k), abs_mask);
+    vmax = _mm256_max_ps(vmax, v);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, inf, _CMP_NLT_UQ));
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, vmax);
+  float absmax = 0.0f;
+  for (float l : lanes) absmax = std::fmax(absmax, l);
+  bool finite = _mm256_movemask_ps(bad) == 0;
+  for (; k < K; ++k) {
+    finite &= std::isfinite(x[k]);
+    absmax = std::fmax(absmax, std::fabs(x[k]));
+  }
+  if (!finite) return false;
+
+  const float s = row_scale(absmax, clip);
+  const __m256 vs = _mm256_set1_ps(s);
+  const __m256 lo = _mm256_set1_ps(-8.0f), hi = _mm256_set1_ps(7.0f);
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  __m256i vsum = _mm256_setzero_si256();
+  k = 0;
+  for (; k + 32 <= K; k += 32) {
+    const __m256i i0 = code8(x + k, vs, lo, hi), i1 = code8(x + k + 8, vs, lo, hi),
+                  i2 = code8(x + k + 16, vs, lo, hi), i3 = code8(x + k + 24, vs, lo, hi);
+    vsum = _mm256_add_epi32(vsum, _mm256_add_epi32(_mm256_add_epi32(i0, i1),
+                                                   _mm256_add_epi32(i2, i3)));
+    // packs work per 128-bit lane; the dword permute restores k order.
+    const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+    _mm256_storeu_si256((__m256i*)(q + k), _mm256_permutevar8x32_epi32(b, perm));
+  }
+  int32_t sums[8];
+  _mm256_storeu_si256((__m256i*)sums, vsum);
+  int32_t sum = 0;
+  for (int32_t v : sums) sum += v;
+  for (; k < K; ++k) {
+    float r = std::nearbyint(x[k] / s);
+    r = std::fmin(std::fmax(r, -8.0f), 7.0f);
+    q[k] = int8_t(r);
+    sum += q[k];
+  }
+  *scale = s;
+  *rowsum = sum;
+  return true;
+}
+
+const KernelTable kAvx2Kernels = {
+    "avx2", true, kMr, /*panel_multiple=*/1, /*weight_offset=*/true, gemm_avx2,
+    quantize_row_avx2};
+
+}  // namespace fair::cpu
+
+#else  // !FAIR_HAVE_AVX2
+
+namespace fair::cpu {
+const KernelTable kAvx2Kernels = {"avx2", false, 1, 1, true, nullptr, nullptr};
+}
+
+#endif

@@ -1,0 +1,289 @@
+"""Typed wrappers over the ``torch.ops.fair`` library, its fake kernels and autograd.
+
+The schemas and the CPU/CUDA kernels are C++ (``csrc/``); importing :mod:`fair_calib_ext._C`
+registers them. This module adds what the dispatcher needs from Python:
+
+* a fake (meta) implementation per op, so the ops trace under ``torch.compile`` / FakeTensor;
+* autograd for :func:`weighted_mse`;
+* helpers to select the CPU kernel path (``scalar``, ``avx2``, ``avx512_vnni``, ``amx``).
+
+Int4 data contract (``shared/reference/kernels.md``): an int4 matrix ``[R, K]`` is stored as
+``uint8 [R, K/2]``, the even column in the low nibble, two's-complement nibbles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from . import _C  # noqa: F401  (registers torch.ops.fair)
+
+__all__ = [
+    "pack_int4",
+    "unpack_int4",
+    "quantize_int4",
+    "w4a4_gemm",
+    "w4a4_linear",
+    "weighted_mse",
+    "cpu_isa",
+    "get_cpu_isa",
+    "set_cpu_isa",
+    "cpu_isa_supported",
+    "CPU_ISAS",
+]
+
+CPU_ISAS = ("scalar", "avx2", "avx512_vnni", "amx")
+
+_FLOAT_IN = (torch.float32, torch.bfloat16, torch.float16)
+_GEMM_OUT = (torch.float32, torch.bfloat16, torch.float16, torch.int32)
+
+
+# ---- wrappers ---------------------------------------------------------------------------------
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Packs int8 values in [-8, 7] of shape ``[..., K]`` (K even) into ``uint8 [..., K/2]``."""
+    return torch.ops.fair.pack_int4.default(q)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: ``uint8 [..., K/2]`` -> ``int8 [..., K]``."""
+    return torch.ops.fair.unpack_int4.default(packed)
+
+
+def quantize_int4(x: torch.Tensor, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int4 quantization of ``x [..., K]`` (float, K even).
+
+    Returns ``(packed uint8 [..., K/2], scale fp32 [...])`` with ``scale = clip*absmax/7``
+    (1.0 for all-zero rows) and ``q = clamp(round_half_even(x.float() / scale), -8, 7)``.
+    inf/NaN input raises ``RuntimeError``.
+    """
+    return torch.ops.fair.quantize_int4.default(x, float(clip))
+
+
+def w4a4_gemm(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Int4 x int4 GEMM with exact int32 accumulation.
+
+    ``a`` packed ``[M, K/2]``, ``w`` packed ``[N, K/2]``, fp32 scales ``a_scale [M]`` and
+    ``w_scale [N]``; returns ``[M, N]`` = ``(acc * a_scale[m]) * w_scale[n] (+ bias[n])`` in
+    ``out_dtype``. ``out_dtype=torch.int32`` returns the raw accumulator (no scales, no bias).
+    """
+    return torch.ops.fair.w4a4_gemm.default(a, a_scale, w, w_scale, bias, out_dtype)
+
+
+def w4a4_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    act_clip: float = 1.0,
+) -> torch.Tensor:
+    """W4A4 linear layer: per-token int4 quantization of ``x [..., K]`` fused with the GEMM.
+
+    ``w`` packed ``[N, K/2]`` with fp32 ``w_scale [N]``; returns ``[..., N]`` in ``x.dtype``.
+    """
+    return torch.ops.fair.w4a4_linear.default(x, w, w_scale, bias, float(act_clip))
+
+
+def weighted_mse(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``sum_i w_i * ||a_i - b_i||^2`` over positions i of ``a, b [..., N, D]``.
+
+    ``w`` broadcasts to ``a.shape[:-1]`` (typically ``[N]``). Differentiable in ``a``, ``b``
+    and ``w``; returns a 0-dim tensor of ``a.dtype``.
+    """
+    return torch.ops.fair.weighted_mse.default(a, b, w)
+
+
+# ---- CPU kernel path ----------------------------------------------------------------------------
+
+
+def get_cpu_isa() -> str:
+    """Name of the CPU kernel path the ops use now."""
+    return _C._get_cpu_isa()
+
+
+def set_cpu_isa(name: str) -> str:
+    """Forces a CPU kernel path (``"auto"`` = best supported); returns the previous one.
+
+    Raises ``ValueError`` for an unknown name or a path this CPU/build lacks. The environment
+    variable ``FAIR_CPU_ISA`` sets the initial choice the same way.
+    """
+    return _C._set_cpu_isa(name)
+
+
+def cpu_isa_supported(name: str) -> bool:
+    """Whether the CPU kernel path ``name`` is compiled in and runs on this CPU."""
+    return name in _C.build_info()["cpu_isa_supported"]
+
+
+@contextlib.contextmanager
+def cpu_isa(name: str) -> Iterator[None]:
+    """Context manager running the ops on one CPU kernel path (for tests and benchmarks)."""
+    prev = set_cpu_isa(name)
+    try:
+        yield
+    finally:
+        set_cpu_isa(prev)
+
+
+# ---- fake kernels ---------------------------------------------------------------------------------
+
+
+def _check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    first_name, first = next(iter(devices.items()))
+    for name, dev in devices.items():
+        torch._check(
+            dev == first,
+            lambda: f"fair::{op}: all tensors must be on the same device; {name} is on {dev}, "
+            f"{first_name} on {first}",
+        )
+
+
+@torch.library.register_fake("fair::pack_int4")
+def _pack_int4_fake(q: torch.Tensor) -> torch.Tensor:
+    torch._check(q.dtype == torch.int8, lambda: f"fair::pack_int4: q must be int8, got {q.dtype}")
+    torch._check(q.dim() >= 1, lambda: "fair::pack_int4: q must have at least one dimension")
+    torch._check(
+        q.shape[-1] % 2 == 0,
+        lambda: f"fair::pack_int4: q's last dimension K must be even, got K={q.shape[-1]}",
+    )
+    return q.new_empty((*q.shape[:-1], q.shape[-1] // 2), dtype=torch.uint8)
+
+
+@torch.library.register_fake("fair::unpack_int4")
+def _unpack_int4_fake(packed: torch.Tensor) -> torch.Tensor:
+    torch._check(
+        packed.dtype == torch.uint8,
+        lambda: f"fair::unpack_int4: packed must be uint8, got {packed.dtype}",
+    )
+    torch._check(packed.dim() >= 1, lambda: "fair::unpack_int4: packed must be at least 1-D")
+    return packed.new_empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=torch.int8)
+
+
+@torch.library.register_fake("fair::quantize_int4")
+def _quantize_int4_fake(x: torch.Tensor, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    torch._check(
+        x.dtype in (*_FLOAT_IN, torch.float64),
+        lambda: f"fair::quantize_int4: x must be float32, bfloat16, float16 or float64, got {x.dtype}",
+    )
+    torch._check(x.dim() >= 1, lambda: "fair::quantize_int4: x must have at least one dimension")
+    torch._check(
+        x.shape[-1] % 2 == 0,
+        lambda: f"fair::quantize_int4: x's last dimension K must be even, got K={x.shape[-1]}",
+    )
+    packed = x.new_empty((*x.shape[:-1], x.shape[-1] // 2), dtype=torch.uint8)
+    scale = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return packed, scale
+
+
+def _check_weight_fake(op: str, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+    torch._check(w.dtype == torch.uint8, lambda: f"fair::{op}: w must be uint8 (packed int4), got {w.dtype}")
+    torch._check(w.dim() == 2, lambda: f"fair::{op}: w must be 2-D [N, K/2], got shape {tuple(w.shape)}")
+    torch._check(
+        w_scale.dtype == torch.float32, lambda: f"fair::{op}: w_scale must be float32, got {w_scale.dtype}"
+    )
+    torch._check(
+        w_scale.dim() == 1 and w_scale.shape[0] == w.shape[0],
+        lambda: f"fair::{op}: w_scale must have shape [N] = [{w.shape[0]}], got {tuple(w_scale.shape)}",
+    )
+    if bias is not None:
+        torch._check(
+            bias.dim() == 1 and bias.shape[0] == w.shape[0],
+            lambda: f"fair::{op}: bias must have shape [N] = [{w.shape[0]}], got {tuple(bias.shape)}",
+        )
+
+
+@torch.library.register_fake("fair::w4a4_gemm")
+def _w4a4_gemm_fake(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    _check_same_device("w4a4_gemm", a=a, a_scale=a_scale, w=w, w_scale=w_scale, bias=bias)
+    torch._check(a.dtype == torch.uint8, lambda: f"fair::w4a4_gemm: a must be uint8 (packed int4), got {a.dtype}")
+    torch._check(a.dim() == 2, lambda: f"fair::w4a4_gemm: a must be 2-D [M, K/2], got shape {tuple(a.shape)}")
+    _check_weight_fake("w4a4_gemm", w, w_scale, bias)
+    torch._check(
+        a.shape[1] == w.shape[1],
+        lambda: f"fair::w4a4_gemm: a and w must have the same packed K/2, got a: {a.shape[1]} and w: {w.shape[1]}",
+    )
+    torch._check(
+        a_scale.dtype == torch.float32 and a_scale.dim() == 1 and a_scale.shape[0] == a.shape[0],
+        lambda: f"fair::w4a4_gemm: a_scale must be float32 of shape [M] = [{a.shape[0]}]",
+    )
+    torch._check(out_dtype in _GEMM_OUT, lambda: f"fair::w4a4_gemm: unsupported out_dtype {out_dtype}")
+    return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
+
+
+@torch.library.register_fake("fair::w4a4_linear")
+def _w4a4_linear_fake(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    act_clip: float = 1.0,
+) -> torch.Tensor:
+    _check_same_device("w4a4_linear", x=x, w=w, w_scale=w_scale, bias=bias)
+    torch._check(
+        x.dtype in _FLOAT_IN, lambda: f"fair::w4a4_linear: x must be float32, bfloat16 or float16, got {x.dtype}"
+    )
+    _check_weight_fake("w4a4_linear", w, w_scale, bias)
+    torch._check(
+        x.shape[-1] == 2 * w.shape[1],
+        lambda: f"fair::w4a4_linear: x's last dimension K={x.shape[-1]} must equal 2 * w.size(1) = {2 * w.shape[1]}",
+    )
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+@torch.library.register_fake("fair::weighted_mse")
+def _weighted_mse_fake(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    _check_same_device("weighted_mse", a=a, b=b, w=w)
+    torch._check(a.shape == b.shape, lambda: "fair::weighted_mse: a and b must have the same shape")
+    torch._check(a.dim() >= 2, lambda: "fair::weighted_mse: a must be [..., N, D]")
+    return a.new_empty(())
+
+
+@torch.library.register_fake("fair::weighted_mse_backward")
+def _weighted_mse_backward_fake(
+    grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_same_device("weighted_mse_backward", grad=grad, a=a, b=b, w=w)
+    return torch.empty_like(a), torch.empty_like(b)
+
+
+# ---- autograd -------------------------------------------------------------------------------------
+
+
+def _weighted_mse_setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    a, b, w = inputs
+    ctx.save_for_backward(a, b, w)
+
+
+def _weighted_mse_backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN202
+    a, b, w = ctx.saved_tensors
+    grad_a = grad_b = grad_w = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        grad_a, grad_b = torch.ops.fair.weighted_mse_backward.default(grad, a, b, w)
+    if ctx.needs_input_grad[2]:
+        # d/dw_i = g * ||a_i - b_i||^2, summed over the dims that w was broadcast along
+        sq = (a - b).to(w.dtype).pow(2).sum(-1)
+        grad_w = (grad.to(w.dtype) * sq).sum_to_size(w.shape)
+    return grad_a, grad_b, grad_w
+
+
+torch.library.register_autograd(
+    "fair::weighted_mse", _weighted_mse_backward, setup_context=_weighted_mse_setup_context
+)
