@@ -1,0 +1,324 @@
+"""The block-wise calibration engine shared by every method (Stage II of FAIR-Calib).
+
+    X_fp ← layer-0 input of the calibration set (FP model), kept on CPU (fp32 or fp16)
+    X_q  ← X_fp
+    for each block ℓ (only this block on the device):
+        Y   = FP block(X_fp)                                   teacher target
+        transform(block, X_q or X_fp, Y, w)                    method hook (may learn)
+        quantize the pending weights (RTN or GPTQ on the student inputs)
+        log weighted loss of plain RTN vs the final block, both on the student inputs
+        X_q ← block_q(X_q);  X_fp ← Y                          (fp_inputs: X_q ← Y)
+        checkpoint (atomic): block state + activations, then the commit record
+
+The loss everywhere is Σ_b Σ_i w_i ‖Δ_{b,i}‖² / (B·D·Σ_i w_i) via ``torch.ops.fair.weighted_mse``
+(pure-torch reference when the extension is not built), w = the position prior mapped onto the
+sequence (ones for uniform). Per-block seeds make a resumed run bit-identical to an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..quant.gptq import GPTQ
+from ..quant.modules import PendingLinear, QuantLinear, kernels_available
+from ..quant.quantizer import quantize_ref
+from .methods import BlockContext, MethodConfig, _linears, _pending_plain, get_transform
+
+__all__ = ["calibrate", "weighted_mse", "weighted_loss", "peak_memory_mb", "quantized_specs"]
+
+
+def weighted_mse_ref(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Σ_i w_i ‖a_i − b_i‖² over positions i (a, b [..., N, D], w [N]); pure torch."""
+    return ((a - b).pow(2).sum(-1) * w).sum()
+
+
+def weighted_mse(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The fair op when built (differentiable), else the reference formula."""
+    if kernels_available():
+        from .. import ops
+
+        return ops.weighted_mse(a.contiguous(), b.contiguous(), w.to(a.dtype).contiguous())
+    return weighted_mse_ref(a, b, w)
+
+
+def weighted_loss(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Normalised loss Σ w‖Δ‖² / (B·D·Σw); equals plain MSE when w ≡ 1."""
+    bsz = a.numel() // (a.shape[-1] * a.shape[-2])
+    return weighted_mse(a, b, w) / (bsz * a.shape[-1] * w.sum())
+
+
+def peak_memory_mb(device: torch.device | str = "cpu") -> dict[str, float]:
+    """Peak resident memory of this process (MiB) and, on CUDA, peak allocated GPU memory."""
+    out = {"cpu_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        out["gpu_peak_alloc_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def quantized_specs(module: nn.Module, prefix: str = "") -> dict[str, dict[str, Any]]:
+    """{qualified name: QuantLinear.spec()} for every QuantLinear under ``module``."""
+    return {prefix + n: m.spec() for n, m in module.named_modules() if isinstance(m, QuantLinear)}
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def _kwargs_to(kw: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    def mv(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v.to(device)
+        if isinstance(v, tuple):
+            return tuple(mv(t) for t in v)
+        return v
+    return {k: mv(v) for k, v in kw.items()}
+
+
+def _make_runner(kw: dict[str, Any], device: torch.device, batch_size: int,
+                 act_dtype: torch.dtype) -> Callable[..., torch.Tensor | None]:
+    @torch.no_grad()
+    def run(layer: nn.Module, x: torch.Tensor, keep: bool = False) -> torch.Tensor | None:
+        outs = []
+        for i in range(0, x.shape[0], batch_size):
+            y = layer(x[i:i + batch_size].to(device, torch.float32), **kw)
+            if keep:
+                outs.append(y.to("cpu", act_dtype))
+        return torch.cat(outs) if keep else None
+    return run
+
+
+def _loss_over(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, kw: dict[str, Any],
+               device: torch.device, batch_size: int) -> float:
+    tot = 0.0
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch_size):
+            out = layer(x[i:i + batch_size].to(device, torch.float32), **kw).float()
+            tgt = y[i:i + batch_size].to(device, torch.float32)
+            tot += float(weighted_loss(out, tgt, w.to(device))) * out.shape[0]
+    return tot / x.shape[0]
+
+
+@torch.no_grad()
+def _quantize_weights(layer: nn.Module, cfg: MethodConfig, ctx: BlockContext, run: Callable) -> None:
+    """Pending linears -> QuantLinear, with RTN or GPTQ (group by group on the student inputs)."""
+    lm = ctx.layer_map
+    q = cfg.quant
+    use_kernels = None
+    if cfg.weight_quant == "rtn" or q.w_bits >= 16:
+        for _, nm in _linears(lm):
+            pl: PendingLinear = layer.get_submodule(nm)
+            if q.w_bits >= 16:
+                qw, sc = pl.weight, torch.ones(pl.out_features)
+            else:
+                qw, sc = quantize_ref(pl.weight, q.w_bits, pl.w_clip)
+            _set(layer, nm, pl.to_quant_linear(qw.cpu(), sc.cpu(), use_kernels))
+        return
+    for role in ("qkv", "o", "up_gate", "down"):
+        names = lm[role]
+        mods = [layer.get_submodule(nm) for nm in names]
+        gptq = GPTQ(mods[0].in_features, device=ctx.device)
+
+        def hook(m: nn.Module, args: tuple[Any, ...]) -> None:
+            gptq.add_batch(m.transformed_input(args[0]).float())
+
+        h = mods[0].register_forward_pre_hook(hook)  # one Hessian per shared input
+        try:
+            run(layer, ctx.x_student)
+        finally:
+            h.remove()
+        for nm, pl in zip(names, mods):
+            qw, sc = gptq.quantize(pl.weight, q.w_bits, pl.w_clip, blocksize=cfg.gptq_block,
+                                   damp=cfg.gptq_damp, act_order=cfg.gptq_act_order)
+            _set(layer, nm, pl.to_quant_linear(qw.cpu(), sc.cpu(), use_kernels).to(ctx.device))
+
+
+def _set(root: nn.Module, name: str, mod: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, mod)
+
+
+def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def _atomic_json(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _install_block_state(layer: nn.Module, specs: dict[str, dict[str, Any]], state: dict[str, torch.Tensor]) -> None:
+    for nm, spec in specs.items():
+        _set(layer, nm, QuantLinear.from_spec(spec))
+    layer.load_state_dict(state, strict=True)
+
+
+def _data_digest(ids: torch.Tensor, w: torch.Tensor, cfg: MethodConfig) -> str:
+    h = hashlib.sha256()
+    h.update(ids.cpu().numpy().tobytes())
+    h.update(w.float().cpu().numpy().tobytes())
+    h.update(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def _norm_like_to(layer: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the block's non-quantized parameters (norms) back to the model dtype."""
+    for m in layer.modules():
+        if isinstance(m, (QuantLinear, PendingLinear)):
+            continue
+        for p in m.parameters(recurse=False):
+            p.data = p.data.to(dtype)
+
+
+# -- the engine ----------------------------------------------------------------------------------
+def calibrate(
+    model: nn.Module,
+    method: str | MethodConfig,
+    data: torch.Tensor,
+    prior: Any = None,
+    *,
+    device: str | torch.device = "cpu",
+    act_dtype: torch.dtype = torch.float32,
+    batch_size: int | None = None,
+    run_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    log: Callable[[dict[str, Any]], None] | None = None,
+    stop_after: int | None = None,
+) -> nn.Module:
+    """Quantize ``model`` in place, block by block, and return it.
+
+    data: LongTensor [n, S] of fully visible calibration sequences (no padding).
+    prior: a PositionPrior (FAIR-Calib) or None/uniform. method: name or MethodConfig.
+    run_dir: checkpoint after every block; an existing run with the same config and data
+    resumes from its last finished block. ``stop_after``: return after that many blocks
+    (used to test resumption). Only the current block is moved to ``device``; activations
+    stay on CPU in ``act_dtype``.
+    """
+    cfg = method if isinstance(method, MethodConfig) else MethodConfig(method=method)
+    device = torch.device(device)
+    if data.dim() != 2 or data.dtype != torch.long:
+        raise ValueError(f"data must be a LongTensor [n, S], got {tuple(data.shape)} {data.dtype}")
+    if prior is None:
+        pos_w = torch.ones(data.shape[1])
+    elif isinstance(prior, torch.Tensor):
+        pos_w = prior.float()
+    else:
+        pos_w = prior.to_positions(data.shape[1])
+    if pos_w.shape != (data.shape[1],):
+        raise ValueError(f"position weights {tuple(pos_w.shape)} do not match seqlen {data.shape[1]}")
+    bs = batch_size or cfg.batch_size
+    log = log or (lambda rec: None)
+    transform = get_transform(cfg)
+    model.eval()
+    torch.manual_seed(cfg.seed)
+    transform.prepare_model(model)  # exact FP rewrite (QuaRot); teacher = this model
+    model_dtype = next(model.parameters()).dtype
+    lm = model.layer_map()
+    n_layers = len(model.layers)
+
+    rd = Path(run_dir) if run_dir is not None else None
+    digest = _data_digest(data, pos_w, cfg)
+    start = 0
+    x_fp = x_q = None
+    if rd is not None:
+        rd.mkdir(parents=True, exist_ok=True)
+        st_path = rd / "state.json"
+        if st_path.is_file():
+            st = json.loads(st_path.read_text())
+            if st.get("digest") != digest:
+                raise ValueError(f"{rd} holds a run with another config or data; use a fresh --run-dir")
+            from safetensors.torch import load_file
+
+            start = st["done"]
+            for i in range(start):
+                blk = load_file(str(rd / f"block_{i:04d}.safetensors"))
+                specs = json.loads((rd / f"block_{i:04d}.json").read_text())
+                _install_block_state(model.layers[i], specs, blk)
+                _norm_like_to(model.layers[i], model_dtype)
+            if start > 0:
+                acts = load_file(str(rd / f"acts_{start:04d}.safetensors"))
+                x_fp, x_q = acts["x_fp"], acts["x_q"]
+            log({"event": "resume", "from_block": start})
+
+    with torch.no_grad():
+        h0, kw = model.prepare_inputs(data[:1].to(model.device))
+    kw = _kwargs_to(kw, device)
+    if x_fp is None:  # capture the FP input of block 0 (embedding output)
+        with torch.no_grad():
+            x_fp = torch.cat([model.prepare_inputs(data[i:i + bs].to(model.device))[0].to("cpu", act_dtype)
+                              for i in range(0, data.shape[0], bs)])
+        x_q = x_fp
+    run = _make_runner(kw, device, bs, act_dtype)
+    loss_fn = weighted_loss
+    t0 = time.time()
+    it = range(start, n_layers)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc=f"calibrate {cfg.method}", total=n_layers, initial=start)
+    for i in it:
+        tb = time.time()
+        layer = model.layers[i]
+        layer.to(device=device, dtype=torch.float32)
+        y = run(layer, x_fp, keep=True)
+        x_in = x_fp if cfg.fp_inputs else x_q
+        # reference point: plain RTN (no transform) of this block on the same inputs
+        ref = copy.deepcopy(layer)
+        _pending_plain(ref, cfg, lm, cfg.quant.a_clip, False)
+        for m in ref.modules():
+            if isinstance(m, PendingLinear):
+                m.quant = True
+        loss_rtn = _loss_over(ref, x_in, y, pos_w, kw, device, bs)
+        del ref
+        ctx = BlockContext(index=i, x_student=x_in, y_target=y, pos_weights=pos_w, layer_kwargs=kw,
+                           device=device, model_config=model.config, layer_map=lm, run_batches=run,
+                           loss_fn=loss_fn, log=log, progress=progress)
+        torch.manual_seed(cfg.seed * 1_000_003 + i)
+        transform.transform_block(layer, ctx)
+        layer.to(device)
+        _quantize_weights(layer, cfg, ctx, run)
+        layer.to(device)
+        loss_q = _loss_over(layer, x_in, y, pos_w, kw, device, bs)
+        x_q_next = y if cfg.fp_inputs else run(layer, x_q, keep=True)
+        layer.to("cpu")
+        _norm_like_to(layer, model_dtype)
+        x_fp, x_q = y, x_q_next
+        rec = {"event": "block", "block": i, "method": cfg.method, "loss_rtn": loss_rtn,
+               "loss_after": loss_q, "seconds": round(time.time() - tb, 3), **ctx.stats}
+        log(rec)
+        if progress and hasattr(it, "set_postfix"):
+            it.set_postfix(rtn=f"{loss_rtn:.3g}", after=f"{loss_q:.3g}")
+        if rd is not None:
+            state = {k: v for k, v in layer.state_dict().items()}
+            _atomic_save_tensors(state, rd / f"block_{i:04d}.safetensors")
+            _atomic_json(quantized_specs(layer), rd / f"block_{i:04d}.json")
+            _atomic_save_tensors({"x_fp": x_fp, "x_q": x_q}, rd / f"acts_{i + 1:04d}.safetensors")
+            _atomic_json({"digest": digest, "done": i + 1, "n_layers": n_layers, "config": cfg.to_dict()},
+                         rd / "state.json")
+            old = rd / f"acts_{i:04d}.safetensors"
+            if old.exists():
+                old.unlink()
+        if stop_after is not None and i + 1 >= stop_after and i + 1 < n_layers:
+            return model
+    log({"event": "summary", "method": cfg.method, "seconds": round(time.time() - t0, 3),
+         **peak_memory_mb(device)})
+    model.quantization_config = {  # type: ignore[attr-defined]
+        "method": cfg.method, "config": cfg.to_dict(),
+        "prior": getattr(prior, "settings", None) if prior is not None and not isinstance(prior, torch.Tensor) else None,
+    }
+    return model
