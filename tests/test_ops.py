@@ -1,0 +1,489 @@
+"""Tests of the `fair` op library on CPU: exactness per ISA path, float outputs, quantizer,
+bad input, weighted_mse and opcheck. Shapes are tiny; every supported ISA path is forced in turn
+(paths the CPU lacks are skipped with the reason)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fair_calib_ext
+
+if fair_calib_ext._C is None:
+    pytest.skip(f"fair_calib_ext._C not built: {fair_calib_ext._C_ERROR}", allow_module_level=True)
+
+from fair_calib_ext import ops  # noqa: E402
+
+def isa_params() -> list:
+    """One pytest param per CPU ISA path, skipped where this CPU/build lacks it."""
+    info = fair_calib_ext.build_info()
+    params = []
+    for name in ops.CPU_ISAS:
+        reason = None
+        if name not in info["cpu_isa_compiled"]:
+            reason = f"{name} path not compiled in this build"
+        elif name not in info["cpu_isa_supported"]:
+            reason = f"this CPU lacks {name} (supported: {info['cpu_isa_supported']})"
+        marks = [pytest.mark.skip(reason=reason)] if reason else []
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+ISAS = isa_params()
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    with ops.cpu_isa(request.param):
+        yield request.param
+
+
+# ---- pure-torch references ------------------------------------------------------------------
+
+
+def ref_quantize(x: torch.Tensor, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference int4 quantizer (kernels.md): codes int8 [..., K] and fp32 scale [...]."""
+    x32 = x.float()
+    scale = (clip * x32.abs().amax(dim=-1)) / 7.0
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.clamp(torch.round(x32 / scale[..., None]), -8, 7).to(torch.int8)
+    return q, scale
+
+
+def ref_pack(q: torch.Tensor) -> torch.Tensor:
+    u = q.to(torch.int16) & 0xF
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).to(torch.uint8)
+
+
+def exact_acc(qa: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+    """int32 oracle: float64 matmul of int4 codes is exact (|acc| <= 64 K << 2^53)."""
+    return (qa.double() @ qw.double().T).to(torch.int32)
+
+
+def epilogue(acc, a_scale, w_scale, bias, dtype):
+    """The kernel's defined fp32 epilogue: ((acc * a_scale[m]) * w_scale[n]) + bias[n]."""
+    out = (acc.float() * a_scale[:, None]) * w_scale[None, :]
+    if bias is not None:
+        out = out + bias.float()[None, :]
+    return out.to(dtype)
+
+
+def rand_codes(*shape: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randint(-8, 8, shape, dtype=torch.int8, generator=gen)
+
+
+# ---- packing ----------------------------------------------------------------------------------
+
+
+def test_pack_layout_low_nibble_is_even_column():
+    q = torch.tensor([[1, -1, -8, 7, 0, 3]], dtype=torch.int8)
+    p = ops.pack_int4(q)
+    assert p.tolist() == [[0xF1, 0x78, 0x30]]
+    assert torch.equal(ops.unpack_int4(p), q)
+
+
+def test_pack_roundtrip_all_values_and_batch_dims():
+    gen = torch.Generator().manual_seed(0)
+    q = rand_codes(3, 4, 18, gen=gen)
+    p = ops.pack_int4(q)
+    assert p.shape == (3, 4, 9) and p.dtype == torch.uint8
+    assert torch.equal(p, ref_pack(q))
+    assert torch.equal(ops.unpack_int4(p), q)
+    every_byte = torch.arange(256, dtype=torch.uint8).reshape(16, 16)
+    assert torch.equal(ops.pack_int4(ops.unpack_int4(every_byte)), every_byte)
+
+
+# ---- exactness of the int32 accumulator, per ISA path -----------------------------------------
+
+GEMM_SHAPES = [  # (M, N, K): tile edges, K=2, K % 64 != 0, several K blocks, several M/N blocks
+    (1, 1, 2),
+    (1, 17, 64),
+    (3, 5, 2),
+    (7, 33, 130),
+    (13, 31, 126),
+    (6, 16, 192),
+    (33, 47, 1000),
+    (2, 65, 2 * 1024 + 66),
+    (40, 130, 258),
+    (1030, 3, 66),
+]
+
+
+@pytest.mark.parametrize("M,N,K", GEMM_SHAPES)
+def test_gemm_int32_exact(isa, M, N, K):
+    gen = torch.Generator().manual_seed(M * 1000 + N * 10 + K)
+    qa, qw = rand_codes(M, K, gen=gen), rand_codes(N, K, gen=gen)
+    acc = ops.w4a4_gemm(ops.pack_int4(qa), torch.ones(M), ops.pack_int4(qw), torch.ones(N), None, torch.int32)
+    assert acc.dtype == torch.int32 and acc.shape == (M, N)
+    assert torch.equal(acc, exact_acc(qa, qw))
+
+
+@pytest.mark.parametrize("va,vw", [(-8, -8), (-8, 7), (7, 7), (7, -8)])
+@pytest.mark.parametrize("K", [2, 62, 4096 + 64])
+def test_gemm_int32_exact_extremes(isa, va, vw, K):
+    M, N = 9, 35
+    qa = torch.full((M, K), va, dtype=torch.int8)
+    qw = torch.full((N, K), vw, dtype=torch.int8)
+    acc = ops.w4a4_gemm(ops.pack_int4(qa), torch.ones(M), ops.pack_int4(qw), torch.ones(N), None, torch.int32)
+    assert torch.equal(acc, torch.full((M, N), va * vw * K, dtype=torch.int32))
+
+
+def test_isa_paths_agree_bitwise():
+    """Every supported path gives bit-identical float outputs (same exact acc, same epilogue)."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(37, 200, generator=gen)
+    w, s = ops.quantize_int4(torch.randn(45, 200, generator=gen))
+    bias = torch.randn(45, generator=gen)
+    outs = {}
+    for name in fair_calib_ext.build_info()["cpu_isa_supported"]:
+        with ops.cpu_isa(name):
+            outs[name] = ops.w4a4_linear(x, w, s, bias)
+    first = next(iter(outs.values()))
+    for name, out in outs.items():
+        assert torch.equal(out, first), name
+
+
+# ---- float outputs ------------------------------------------------------------------------------
+
+# Tolerances vs the float64 reference dequant(a) @ dequant(w).T (+ bias): the accumulator is exact,
+# so the only errors are the fp32 epilogue (2-3 roundings, ~4e-7 relative) and the final cast.
+TOL = {
+    torch.float32: dict(rtol=1e-6, atol=1e-6),
+    torch.bfloat16: dict(rtol=2**-8, atol=1e-5),  # bf16: 8 significant bits
+    torch.float16: dict(rtol=2**-11, atol=1e-5),  # fp16: 11 significant bits
+}
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemm_float_outputs(isa, out_dtype, with_bias):
+    gen = torch.Generator().manual_seed(11)
+    M, N, K = 19, 37, 322
+    qa, qw = rand_codes(M, K, gen=gen), rand_codes(N, K, gen=gen)
+    sa = torch.rand(M, generator=gen) * 0.02 + 1e-3
+    sw = torch.rand(N, generator=gen) * 0.02 + 1e-3
+    bias = torch.randn(N, generator=gen).to(out_dtype) if with_bias else None
+    out = ops.w4a4_gemm(ops.pack_int4(qa), sa, ops.pack_int4(qw), sw, bias, out_dtype)
+    assert out.dtype == out_dtype and out.shape == (M, N)
+    # bit-exact against the defined fp32 epilogue
+    assert torch.equal(out, epilogue(exact_acc(qa, qw), sa, sw, bias, out_dtype))
+    ref = (qa.double() * sa.double()[:, None]) @ (qw.double() * sw.double()[:, None]).T
+    if bias is not None:
+        ref = ref + bias.double()
+    torch.testing.assert_close(out.double(), ref, **TOL[out_dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("act_clip", [1.0, 0.8])
+def test_linear_matches_reference(isa, dtype, act_clip):
+    gen = torch.Generator().manual_seed(3)
+    B, S, K, N = 2, 5, 192, 29
+    x = (torch.randn(B, S, K, generator=gen) * 3).to(dtype)
+    wq, ws = ref_quantize(torch.randn(N, K, generator=gen))
+    bias = torch.randn(N, generator=gen)
+    out = ops.w4a4_linear(x, ref_pack(wq), ws, bias, act_clip)
+    assert out.shape == (B, S, N) and out.dtype == dtype
+    qa, sa = ref_quantize(x.reshape(-1, K), act_clip)
+    expect = epilogue(exact_acc(qa, wq), sa, ws, bias, dtype).reshape(B, S, N)
+    assert torch.equal(out, expect)
+    ref = (qa.double() * sa.double()[:, None]) @ (wq.double() * ws.double()[:, None]).T + bias.double()
+    torch.testing.assert_close(out.double().reshape(-1, N), ref, **TOL[dtype])
+
+
+def test_linear_non_contiguous_and_1d(isa):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 10, generator=gen).t()  # [10, 64], non-contiguous
+    w, s = ops.quantize_int4(torch.randn(7, 64, generator=gen))
+    assert not x.is_contiguous()
+    assert torch.equal(ops.w4a4_linear(x, w, s), ops.w4a4_linear(x.contiguous(), w, s))
+    assert torch.equal(ops.w4a4_linear(x[3], w, s), ops.w4a4_linear(x[3:4], w, s)[0])
+    w_nc = torch.cat([w, w], dim=1)[:, : w.shape[1]]  # non-contiguous packed weights
+    assert torch.equal(ops.w4a4_linear(x, w_nc, s), ops.w4a4_linear(x, w, s))
+
+
+# ---- quantize_int4 ------------------------------------------------------------------------------
+
+
+def test_quantize_ties_round_half_even(isa):
+    x = torch.tensor([[7.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, 4.5, -3.5]])
+    p, s = ops.quantize_int4(x)
+    assert s.tolist() == [1.0]
+    assert ops.unpack_int4(p).tolist() == [[7, 0, 2, 2, 0, -2, -2, 4, 4, -4]]
+
+
+def test_quantize_zero_row_and_clip(isa):
+    x = torch.tensor([[0.0, 0.0, 0.0, 0.0], [-7.0, 7.0, 1.0, -3.0], [1e-45, 0.0, 0.0, 0.0]])
+    p, s = ops.quantize_int4(x, 0.5)
+    assert s.tolist() == [1.0, 0.5, 1.0]  # all-zero (and fully underflowed) rows get scale 1
+    assert ops.unpack_int4(p).tolist() == [[0, 0, 0, 0], [-8, 7, 2, -6], [0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("clip", [1.0, 0.9, 0.55, 1.25])
+def test_quantize_bit_exact_vs_reference(isa, dtype, clip):
+    gen = torch.Generator().manual_seed(int(clip * 100))
+    x = (torch.randn(6, 3, 130, generator=gen) * torch.logspace(-3, 3, 6)[:, None, None]).to(dtype)
+    x[0, 0, :] = 0
+    # exact ties: row of multiples of 0.5 with absmax 7 gives scale 1 (for clip 1)
+    x[1, 1, :16] = torch.arange(-8, 8) * 0.5
+    x[1, 1, 16] = 7.0
+    p, s = ops.quantize_int4(x, clip)
+    q_ref, s_ref = ref_quantize(x, clip)
+    assert torch.equal(s, s_ref)
+    assert torch.equal(ops.unpack_int4(p), q_ref)
+    assert torch.equal(p, ref_pack(q_ref))
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_nonfinite_input_raises(isa, bad):
+    x = torch.randn(3, 70)
+    x[1, 65] = bad
+    with pytest.raises(RuntimeError, match="inf or NaN in row 1"):
+        ops.quantize_int4(x)
+    w, s = ops.quantize_int4(torch.randn(4, 70))
+    with pytest.raises(RuntimeError, match="inf or NaN in row 1"):
+        ops.w4a4_linear(x, w, s)
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+
+def _packed(m: int, k: int) -> torch.Tensor:
+    return torch.zeros(m, k // 2, dtype=torch.uint8)
+
+
+BAD_CASES = [
+    ("pack odd K", lambda: ops.pack_int4(torch.zeros(2, 5, dtype=torch.int8)), "K must be even"),
+    ("pack dtype", lambda: ops.pack_int4(torch.zeros(2, 4)), "q must be int8"),
+    ("pack range", lambda: ops.pack_int4(torch.full((1, 2), 8, dtype=torch.int8)), r"\[-8, 7\]"),
+    ("unpack dtype", lambda: ops.unpack_int4(torch.zeros(2, 4, dtype=torch.int8)), "packed must be uint8"),
+    ("quant odd K", lambda: ops.quantize_int4(torch.zeros(2, 7)), "K must be even"),
+    ("quant dtype", lambda: ops.quantize_int4(torch.zeros(2, 8, dtype=torch.int32)), "x must be float32"),
+    ("quant clip", lambda: ops.quantize_int4(torch.zeros(2, 8), 0.0), "clip must be a finite number > 0"),
+    (
+        "gemm K mismatch",
+        lambda: ops.w4a4_gemm(_packed(3, 8), torch.ones(3), _packed(4, 10), torch.ones(4)),
+        "same packed K/2",
+    ),
+    (
+        "gemm a dtype",
+        lambda: ops.w4a4_gemm(torch.zeros(3, 4, dtype=torch.int8), torch.ones(3), _packed(4, 8), torch.ones(4)),
+        "a must be uint8",
+    ),
+    (
+        "gemm a_scale len",
+        lambda: ops.w4a4_gemm(_packed(3, 8), torch.ones(2), _packed(4, 8), torch.ones(4)),
+        r"a_scale must have shape \[M\] = \[3\]",
+    ),
+    (
+        "gemm w_scale len",
+        lambda: ops.w4a4_gemm(_packed(3, 8), torch.ones(3), _packed(4, 8), torch.ones(5)),
+        r"w_scale must have shape \[N\] = \[4\]",
+    ),
+    (
+        "gemm w_scale dtype",
+        lambda: ops.w4a4_gemm(_packed(3, 8), torch.ones(3), _packed(4, 8), torch.ones(4, dtype=torch.float64)),
+        "w_scale must be float32",
+    ),
+    (
+        "gemm bias len",
+        lambda: ops.w4a4_gemm(_packed(3, 8), torch.ones(3), _packed(4, 8), torch.ones(4), torch.ones(3)),
+        r"bias must have shape \[N\] = \[4\]",
+    ),
+    (
+        "gemm out dtype",
+        lambda: ops.w4a4_gemm(_packed(3, 8), torch.ones(3), _packed(4, 8), torch.ones(4), None, torch.float64),
+        "out_dtype must be",
+    ),
+    (
+        "gemm int32 with bias",
+        lambda: ops.w4a4_gemm(_packed(3, 8), torch.ones(3), _packed(4, 8), torch.ones(4), torch.ones(4), torch.int32),
+        "bias must be None",
+    ),
+    ("linear odd K", lambda: ops.w4a4_linear(torch.zeros(2, 5), _packed(4, 6), torch.ones(4)), "K must be even"),
+    (
+        "linear K mismatch",
+        lambda: ops.w4a4_linear(torch.zeros(2, 6), _packed(4, 8), torch.ones(4)),
+        r"must equal 2 \* w.size\(1\) = 8",
+    ),
+    (
+        "linear x dtype",
+        lambda: ops.w4a4_linear(torch.zeros(2, 8, dtype=torch.int32), _packed(4, 8), torch.ones(4)),
+        "x must be float32, bfloat16 or float16",
+    ),
+    (
+        "linear w dtype",
+        lambda: ops.w4a4_linear(torch.zeros(2, 8), torch.zeros(4, 4, dtype=torch.int8), torch.ones(4)),
+        "w must be uint8",
+    ),
+    (
+        "linear w_scale len",
+        lambda: ops.w4a4_linear(torch.zeros(2, 8), _packed(4, 8), torch.ones(1)),
+        r"w_scale must have shape \[N\]",
+    ),
+    (
+        "linear act_clip",
+        lambda: ops.w4a4_linear(torch.zeros(2, 8), _packed(4, 8), torch.ones(4), None, -1.0),
+        "act_clip must be a finite number > 0",
+    ),
+    (
+        "linear mixed devices",
+        lambda: ops.w4a4_linear(torch.zeros(2, 8), _packed(4, 8).to("meta"), torch.ones(4)),
+        "same device",
+    ),
+    (
+        "gemm mixed devices",
+        lambda: ops.w4a4_gemm(_packed(3, 8), torch.ones(3, device="meta"), _packed(4, 8), torch.ones(4)),
+        "same device",
+    ),
+    (
+        "mse shape mismatch",
+        lambda: ops.weighted_mse(torch.zeros(3, 4), torch.zeros(3, 5), torch.ones(3)),
+        "same shape",
+    ),
+    (
+        "mse weight shape",
+        lambda: ops.weighted_mse(torch.zeros(3, 4), torch.zeros(3, 4), torch.ones(4)),
+        "must broadcast",
+    ),
+    (
+        "mse dtype mismatch",
+        lambda: ops.weighted_mse(torch.zeros(3, 4), torch.zeros(3, 4, dtype=torch.float64), torch.ones(3)),
+        "b must have a's dtype",
+    ),
+]
+
+
+@pytest.mark.parametrize("fn,match", [pytest.param(f, m, id=i) for i, f, m in BAD_CASES])
+def test_bad_input_raises_named_error(fn, match):
+    with pytest.raises(RuntimeError, match=match):
+        fn()
+
+
+def test_empty_inputs_give_empty_results(isa):
+    w, s = ops.quantize_int4(torch.randn(5, 8))
+    out = ops.w4a4_linear(torch.zeros(0, 8), w, s)
+    assert out.shape == (0, 5)
+    out = ops.w4a4_linear(torch.zeros(2, 0, 8, dtype=torch.bfloat16), w, s)
+    assert out.shape == (2, 0, 5) and out.dtype == torch.bfloat16
+    assert ops.w4a4_gemm(_packed(0, 8), torch.ones(0), w, s).shape == (0, 5)
+    p, sc = ops.quantize_int4(torch.zeros(0, 8))
+    assert p.shape == (0, 4) and sc.shape == (0,)
+
+
+# ---- weighted_mse -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("w_shape", [(5,), (2, 5), (2, 1)])
+def test_weighted_mse_forward(w_shape):
+    gen = torch.Generator().manual_seed(8)
+    a, b = torch.randn(2, 5, 7, generator=gen), torch.randn(2, 5, 7, generator=gen)
+    w = torch.rand(w_shape, generator=gen)
+    expect = (w * ((a - b) ** 2).sum(-1)).sum()
+    torch.testing.assert_close(ops.weighted_mse(a, b, w), expect, rtol=1e-6, atol=0)
+    out16 = ops.weighted_mse(a.bfloat16(), b.bfloat16(), w)
+    assert out16.dtype == torch.bfloat16
+    ref16 = (w.double() * ((a.bfloat16().double() - b.bfloat16().double()) ** 2).sum(-1)).sum()
+    torch.testing.assert_close(out16.double(), ref16, rtol=2**-8, atol=0)
+
+
+def test_weighted_mse_gradcheck():
+    gen = torch.Generator().manual_seed(9)
+    a = torch.randn(3, 4, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(3, 4, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.rand(4, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(ops.weighted_mse, (a, b, w))
+
+
+def test_weighted_mse_backward_matches_torch():
+    gen = torch.Generator().manual_seed(10)
+    a = torch.randn(6, 9, generator=gen, requires_grad=True)
+    b = torch.randn(6, 9, generator=gen, requires_grad=True)
+    w = torch.rand(6, generator=gen)
+    (ops.weighted_mse(a, b, w) * 3.0).backward()
+    a2, b2 = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    ((w * ((a2 - b2) ** 2).sum(-1)).sum() * 3.0).backward()
+    torch.testing.assert_close(a.grad, a2.grad)
+    torch.testing.assert_close(b.grad, b2.grad)
+
+
+# ---- opcheck ------------------------------------------------------------------------------------
+
+
+def _opcheck_cases():
+    gen = torch.Generator().manual_seed(12)
+    q = rand_codes(5, 10, gen=gen)
+    x = torch.randn(2, 3, 64, generator=gen)
+    w, s = ops.quantize_int4(torch.randn(9, 64, generator=gen))
+    a, sa = ops.quantize_int4(x.reshape(-1, 64))
+    bias = torch.randn(9, generator=gen)
+    fa = torch.randn(2, 4, 5, generator=gen, requires_grad=True)
+    fb = torch.randn(2, 4, 5, generator=gen, requires_grad=True)
+    fw = torch.rand(4, generator=gen)
+    return [
+        ("pack_int4", (q,)),
+        ("unpack_int4", (ops.pack_int4(q),)),
+        ("quantize_int4", (x, 0.9)),
+        ("w4a4_gemm", (a, sa, w, s, bias, torch.bfloat16)),
+        ("w4a4_gemm", (a, sa, w, s, None, torch.int32)),
+        ("w4a4_linear", (x, w, s, bias, 1.0)),
+        ("w4a4_linear", (x.half(), w, s, None, 0.7)),
+        ("weighted_mse", (fa, fb, fw)),
+        ("weighted_mse_backward", (torch.tensor(2.0), fa.detach(), fb.detach(), fw)),
+    ]
+
+
+@pytest.mark.parametrize("name,args", [pytest.param(n, a, id=f"{n}-{i}") for i, (n, a) in enumerate(_opcheck_cases())])
+def test_opcheck(name, args):
+    torch.library.opcheck(getattr(torch.ops.fair, name).default, args)
+
+
+# ---- build info and ISA selection -----------------------------------------------------------------
+
+
+def test_build_info():
+    info = fair_calib_ext.build_info()
+    assert info["torch_version"] == torch.__version__
+    assert isinstance(info["cuda"], bool) and isinstance(info["cuda_archs"], list)
+    assert "scalar" in info["cpu_isa_compiled"] and "scalar" in info["cpu_isa_supported"]
+    assert info["cpu_isa"] in info["cpu_isa_supported"]
+
+
+def test_set_cpu_isa_rejects_unknown_and_unsupported():
+    with pytest.raises(ValueError, match="unknown CPU ISA path"):
+        ops.set_cpu_isa("sse9")
+    unsupported = [n for n in ops.CPU_ISAS if not ops.cpu_isa_supported(n)]
+    for name in unsupported:
+        with pytest.raises(ValueError, match="not supported"):
+            ops.set_cpu_isa(name)
+
+
+def _run_env(isa_env: str) -> subprocess.CompletedProcess:
+    code = (
+        "import torch, fair_calib_ext\n"
+        "from fair_calib_ext import ops\n"
+        "w, s = ops.quantize_int4(torch.randn(3, 8))\n"
+        "ops.w4a4_linear(torch.randn(2, 8), w, s)\n"
+        "print('ISA=' + ops.get_cpu_isa())\n"
+    )
+    # same import resolution as this process (source tree or installed package)
+    env = dict(os.environ, FAIR_CPU_ISA=isa_env, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_env_override_selects_and_falls_back():
+    res = _run_env("scalar")
+    assert res.returncode == 0, res.stderr
+    assert "ISA=scalar" in res.stdout
+    res = _run_env("avx9000")
+    assert res.returncode != 0 and "FAIR_CPU_ISA=avx9000" in res.stderr
+    unsupported = [n for n in ops.CPU_ISAS if not ops.cpu_isa_supported(n)]
+    if unsupported:
+        res = _run_env(unsupported[0])
+        assert res.returncode == 0, res.stderr
+        assert "not supported" in res.stderr
+        assert f"ISA={fair_calib_ext.build_info()['cpu_isa_supported'][-1]}" in res.stdout
