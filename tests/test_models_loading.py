@@ -22,6 +22,15 @@ from fair_calib_ext.models import (
 )
 from fair_calib_ext.models.testing import tiny_checkpoint, tiny_config, tiny_model
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: one thread avoids OpenMP spin-waits on a busy 2-core machine (100x here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 LLADA_NAMES_L0 = {
     "model.transformer.blocks.0." + n
     for n in ("attn_norm.weight", "ff_norm.weight", "q_proj.weight", "k_proj.weight", "v_proj.weight",

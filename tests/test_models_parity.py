@@ -17,6 +17,15 @@ from fair_calib_ext.models import load_pretrained
 from fair_calib_ext.models.testing import tiny_checkpoint
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: one thread avoids OpenMP spin-waits on a busy 2-core machine (100x here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * (x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps))
 

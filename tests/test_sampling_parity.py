@@ -16,6 +16,15 @@ import torch.nn.functional as F
 from fair_calib_ext.models.testing import tiny_model
 from fair_calib_ext.sampling import Trace, generate, left_pad
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: one thread avoids OpenMP spin-waits on a busy 2-core machine (100x here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 NEG_INF = float("-inf")
 
 
