@@ -1,0 +1,219 @@
+"""``python -m fair_calib_ext.sample``: masked-diffusion decoding from the command line.
+
+Examples::
+
+    python -m fair_calib_ext.sample --prompt "sort: 3 1 2 =" --gen-length 16 --steps 16
+    python -m fair_calib_ext.sample --model /ckpt/LLaDA-8B-Instruct --chat --dtype bfloat16 \\
+        --prompt "What is 7 * 8?" --gen-length 64 --steps 64 --block-length 32
+    python -m fair_calib_ext.sample --quantized runs/llada-w4a4 --prompt "..." --show-steps
+
+Bad input (missing directory, inconsistent lengths, prompt longer than the context) prints one
+``error:`` line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+DEFAULT_EMBEDDED = "tiny-llada"
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class UsageError(Exception):
+    """Input the user can fix; reported as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fair_calib_ext.sample",
+                                description="Generate with a LLaDA / Dream masked-diffusion model.")
+    p.add_argument("--model", default=None,
+                   help=f"local checkpoint dir or embedded name (default: {DEFAULT_EMBEDDED!r} once it exists)")
+    p.add_argument("--quantized", metavar="DIR", default=None,
+                   help="a directory written by save_quantized (the tokenizer comes from it or from --model)")
+    p.add_argument("--prompt", action="append", default=None, help="prompt text (repeat for a batch)")
+    p.add_argument("--prompt-file", default=None, help="file with one prompt per line")
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    p.add_argument("--gen-length", type=int, default=32)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen-length)")
+    p.add_argument("--block-length", type=int, default=None,
+                   help="LLaDA block length (default: one block; on Dream models: Dream's schedule)")
+    p.add_argument("--remasking", default=None,
+                   help="low_confidence | random | margin | entropy | maskgit_plus | origin "
+                        "(default: low_confidence for LLaDA, entropy for Dream)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--cfg-scale", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=None, help="Dream schedule only")
+    p.add_argument("--top-k", type=int, default=None, help="Dream schedule only")
+    p.add_argument("--alg-temp", type=float, default=None, help="Dream schedule only")
+    p.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=None,
+                   help="stop once every row has EOS/EoT after a completed block "
+                        "(default: on with --chat or a tokenizer chat template)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=_DTYPES)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--show-steps", action="store_true", help="redraw the canvas after every step")
+    return p
+
+
+def _resolve_model(arg: str | None) -> str:
+    from .models import available_embedded
+
+    if arg is not None:
+        return arg
+    if DEFAULT_EMBEDDED in available_embedded():
+        return DEFAULT_EMBEDDED
+    raise UsageError(f"no --model given and the embedded model {DEFAULT_EMBEDDED!r} is not built yet "
+                     "(fair_calib_ext/assets/ has none); pass --model DIR")
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        f = Path(args.prompt_file)
+        if not f.is_file():
+            raise UsageError(f"prompt file not found: {f}")
+        prompts += [line for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError("give at least one --prompt or a non-empty --prompt-file")
+    return prompts
+
+
+def _special_id(tok: Any, text: str) -> int | None:
+    vocab = tok.get_vocab()
+    return vocab.get(text)
+
+
+def _encode(tok: Any, prompts: list[str], chat: bool) -> list[list[int]]:
+    out = []
+    for text in prompts:
+        if chat:
+            if not getattr(tok, "chat_template", None):
+                raise UsageError("--chat: this tokenizer has no chat template")
+            text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                           tokenize=False)
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tok(text)["input_ids"]
+        if not ids:
+            raise UsageError(f"prompt {text!r} encodes to no tokens")
+        out.append(list(ids))
+    return out
+
+
+def _show(tok: Any, x: Any, p: int, mask_id: int, step: int, tty: bool) -> None:
+    rows = []
+    for row in x[:, p:].tolist():
+        rows.append("".join("░" if t == mask_id else tok.decode([t]) for t in row))
+    text = "\n".join(rows)
+    if tty:
+        sys.stdout.write(f"\x1b[2J\x1b[H[step {step + 1}]\n{text}\n")
+    else:
+        sys.stdout.write(f"[step {step + 1}] {text}\n")
+    sys.stdout.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .models import CheckpointError, load_pretrained, load_tokenizer, resolve_model_path
+    from .sampling import generate, left_pad
+
+    if args.gen_length <= 0:
+        raise UsageError(f"--gen-length must be positive, got {args.gen_length}")
+    steps = args.steps if args.steps is not None else args.gen_length
+    if steps <= 0:
+        raise UsageError(f"--steps must be positive, got {steps}")
+    if args.block_length is not None:
+        if args.block_length <= 0 or args.gen_length % args.block_length:
+            raise UsageError(f"--gen-length ({args.gen_length}) must be divisible by --block-length "
+                             f"({args.block_length})")
+        if steps % (args.gen_length // args.block_length):
+            raise UsageError(f"--steps ({steps}) must be divisible by the number of blocks "
+                             f"({args.gen_length // args.block_length})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompts = _read_prompts(args)
+    model_arg = _resolve_model(args.model) if args.model or not args.quantized else args.model
+    try:
+        weights = args.quantized or model_arg
+        resolve_model_path(weights)
+        tok_dirs = [d for d in (args.quantized, model_arg) if d]
+        tok = None
+        for d in tok_dirs:
+            if (resolve_model_path(d) / "tokenizer.json").is_file() or \
+                    (resolve_model_path(d) / "tokenizer_config.json").is_file():
+                tok = load_tokenizer(d)
+                break
+        if tok is None:
+            raise UsageError(f"no tokenizer found in {' or '.join(map(str, tok_dirs))}"
+                             + ("" if args.model else " (pass --model with the original checkpoint)"))
+        dtype = getattr(torch, args.dtype)
+        model = load_pretrained(weights, dtype=dtype, device=args.device)
+    except CheckpointError as exc:
+        raise UsageError(str(exc).replace("\n", " ")) from exc
+
+    cfg = model.config
+    chat = args.chat
+    stop = args.stop_at_eos if args.stop_at_eos is not None else bool(chat or getattr(tok, "chat_template", None))
+    eot = next((i for i in (_special_id(tok, "<|eot_id|>"), _special_id(tok, "<|im_end|>")) if i is not None), None)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # our own check reports over-long prompts, in one line
+    encoded = _encode(tok, prompts, chat)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (cfg.pad_token_id or cfg.eos_token_id or 0)
+    ids, attn = left_pad(encoded, pad)
+    remasking = args.remasking or ("entropy" if cfg.family == "dream" and args.block_length is None
+                                   else "low_confidence")
+    gen = torch.Generator().manual_seed(args.seed)
+    tty = sys.stdout.isatty()
+    n_steps = [0]
+
+    def on_step(t: int, x: Any) -> None:
+        n_steps[0] += 1
+        if args.show_steps:
+            _show(tok, x, ids.shape[1], cfg.mask_token_id, t, tty)
+
+    kwargs: dict[str, Any] = dict(
+        gen_length=args.gen_length, steps=steps, block_length=args.block_length, temperature=args.temperature,
+        remasking=remasking, cfg_scale=args.cfg_scale, generator=gen, attention_mask=attn,
+        stop_at_eos=stop, eot_token_id=eot, callback=on_step,
+    )
+    for name in ("top_p", "top_k", "alg_temp"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    t0 = time.perf_counter()
+    out = generate(model, ids, **kwargs)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+
+    stop_ids = {i for i in (cfg.eos_token_id, eot) if i is not None}
+    p = ids.shape[1]
+    for text, row in zip(prompts, out[:, p:].tolist()):
+        cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
+        answer = tok.decode(row[:cut], skip_special_tokens=True)
+        print(f">>> {text}\n{answer}")
+    n_tok = out.shape[0] * args.gen_length
+    print(f"[{n_tok} tokens, {n_steps[0]} steps in {dt:.3f} s: {n_tok / dt:.1f} tokens/s, "
+          f"{n_steps[0] / dt:.2f} steps/s; {cfg.family}, {args.dtype}, {args.device}"
+          f"{', W4A4' if args.quantized else ''}]")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError) as exc:
+        msg = str(exc).strip().replace("\n", " ") or type(exc).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

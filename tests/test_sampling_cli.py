@@ -1,0 +1,121 @@
+"""``python -m fair_calib_ext.sample`` on a tiny checkpoint with a word-level tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fair_calib_ext import sample
+from fair_calib_ext.models.testing import tiny_checkpoint
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _write_tokenizer(path: Path, chat: bool = False) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "<|bos|>", "<|eos|>", "<|eot_id|>"] + [f"w{i}" for i in range(4, 95)] + ["<|mdm_mask|>"]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<unk>", "<|bos|>", "<|eos|>", "<|eot_id|>", "<|mdm_mask|>"])
+    tok.save(str(path / "tokenizer.json"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|eos|>",
+           "pad_token": "<|eos|>", "unk_token": "<unk>", "model_max_length": 256}
+    if chat:
+        cfg["chat_template"] = ("{{ bos_token }}{% for m in messages %}w5 {{ m['content'] }} <|eot_id|> {% endfor %}"
+                                "{% if add_generation_prompt %}w6 {% endif %}")
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tiny_checkpoint(tmp_path_factory.mktemp("llada") / "m", "llada", seed=3)
+    _write_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dream_ckpt(tmp_path_factory):
+    path = tiny_checkpoint(tmp_path_factory.mktemp("dream") / "m", "dream", seed=3)
+    _write_tokenizer(path, chat=True)
+    return path
+
+
+def test_generates_and_reports_speed(ckpt, capsys):
+    rc = sample.main(["--model", str(ckpt), "--prompt", "w7 w8 w9", "--prompt", "w10",
+                      "--gen-length", "8", "--steps", "4", "--block-length", "4"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert out.count(">>> ") == 2 and ">>> w7 w8 w9" in out
+    assert "16 tokens, 4 steps" in out and "tokens/s" in out and "steps/s" in out
+
+
+def test_same_seed_same_text(ckpt, capsys):
+    argv = ["--model", str(ckpt), "--prompt", "w7", "--gen-length", "8", "--temperature", "1.0",
+            "--remasking", "random", "--seed", "5"]
+    sample.main(argv)
+    a = capsys.readouterr().out.split("[")[0]
+    sample.main(argv)
+    b = capsys.readouterr().out.split("[")[0]
+    assert a == b
+
+
+def test_dream_chat_and_show_steps(dream_ckpt, capsys):
+    rc = sample.main(["--model", str(dream_ckpt), "--chat", "--prompt", "w11 w12", "--gen-length", "6",
+                      "--show-steps", "--top-k", "10", "--dtype", "bfloat16"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "[step 1]" in out and "░" in out  # first frame still has masks
+    assert "bfloat16" in out
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--gen-length", "10", "--block-length", "4"], "divisible by --block-length"),
+    (["--gen-length", "8", "--block-length", "4", "--steps", "3"], "divisible by the number of blocks"),
+    (["--gen-length", "8", "--prompt", " ".join(["w9"] * 300)], "exceeds the model's context"),
+    (["--gen-length", "8", "--chat"], "no chat template"),
+    (["--gen-length", "8", "--remasking", "bogus"], "remasking must be one of"),
+])
+def test_bad_input_one_line_exit_2(ckpt, capsys, argv, match):
+    if "--prompt" not in argv:
+        argv = argv + ["--prompt", "w7"]
+    rc = sample.main(["--model", str(ckpt)] + argv)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and match in err
+
+
+def test_missing_model_dir(tmp_path, capsys):
+    assert sample.main(["--model", str(tmp_path / "nope"), "--prompt", "w7"]) == 2
+    err = capsys.readouterr().err
+    assert "not found" in err and err.count("\n") == 1
+
+
+def test_default_model_message(monkeypatch, capsys):
+    monkeypatch.setattr("fair_calib_ext.models.available_embedded", lambda: [])
+    assert sample.main(["--prompt", "hello"]) == 2
+    assert "tiny-llada" in capsys.readouterr().err
+
+
+def test_module_entry_point(ckpt):
+    env = dict(os.environ, PYTHONPATH=str(Path(sample.__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "fair_calib_ext.sample", "--model", str(ckpt), "--prompt", "w7",
+                          "--gen-length", "4"], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "tokens/s" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "fair_calib_ext.sample", "--model", str(ckpt), "--prompt", "w7",
+                          "--gen-length", "5", "--block-length", "2"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 2 and res.stderr.startswith("error: ")
