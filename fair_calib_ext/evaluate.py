@@ -6,7 +6,8 @@
 writes ``results.json``, ``results.md`` (also printed) and PNG plots (stability-lag CCDF, flip
 rate per step decile, the position prior of each quantized dir that has one) to ``--out``.
 Under ``torchrun --nproc-per-node N -m fair_calib_ext.evaluate ...`` the samples are sharded
-across ranks (gloo on CPU, NCCL on CUDA) and rank 0 writes the outputs.
+across ranks (gloo on CPU, NCCL on CUDA) and rank 0 writes the outputs; spell ``--n`` as
+``--n-per-task`` there (torchrun's parser takes ``--n`` for one of its own options).
 Errors in the arguments or inputs print one line and exit with code 2.
 """
 
@@ -32,7 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", nargs="*", default=None, help="row labels for --quantized (default: dir names)")
     p.add_argument("--tasks", nargs="+", default=["suite", "ppl", "metrics"],
                    help="task names (add sub mul sort reverse word), 'suite' (all six), 'ppl', 'metrics'")
-    p.add_argument("--n", type=int, default=50, help="examples per task (and texts for ppl unless --n-ppl)")
+    # --n-per-task is the same option; use it under torchrun, whose own parser rejects "--n" as an
+    # ambiguous abbreviation of --nnodes / --nproc-per-node even after "-m module"
+    p.add_argument("--n", "--n-per-task", dest="n", type=int, default=50,
+                   help="examples per task (and texts for ppl unless --n-ppl)")
     p.add_argument("--n-ppl", type=int, default=None, help="held-out texts for perplexity")
     p.add_argument("--n-metrics", type=int, default=32, help="prompts for the mechanism metrics (§6: 32)")
     p.add_argument("--seed", type=int, default=0)

@@ -159,18 +159,15 @@ def score_continuations(
 
 
 def text_pairs(tokenizer: Any, texts: Sequence[str]) -> list[tuple[list[int], list[int]]]:
-    """(prefix, target) pairs for perplexity: prefix = [BOS] (EOS if the tokenizer has no BOS),
-    target = the text's tokens. One fixed start token keeps both families comparable (Dream never
-    predicts position 0)."""
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if start is None:
-        raise ValueError("tokenizer has neither a BOS nor an EOS token to start a text with")
+    """(prefix, target) pairs for perplexity: the text's first token is the context and the rest
+    is scored. Dream never predicts position 0, so this scores both families on the same tokens
+    without feeding a start token the tiny models never saw in training."""
     pairs = []
     for t in texts:
-        ids = tokenizer(t, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise ValueError(f"text {t!r} tokenizes to nothing")
-        pairs.append(([int(start)], [int(i) for i in ids]))
+        ids = [int(i) for i in tokenizer(t, add_special_tokens=False)["input_ids"]]
+        if len(ids) < 2:
+            raise ValueError(f"text {t!r} has fewer than 2 tokens; nothing to score after the first")
+        pairs.append((ids[:1], ids[1:]))
     return pairs
 
 
