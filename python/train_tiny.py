@@ -1,0 +1,428 @@
+#!/usr/bin/env python
+"""Train the embedded tiny diffusion LMs (``tiny-llada``, ``tiny-dream``) on the task suite.
+
+Recipe (see fair_calib_ext/assets/*/MODEL_CARD.md for the measured outcome):
+- LLaDA's masked-diffusion objective: per example t ~ U(eps, 1] (stratified across the batch),
+  each token of the example's *answer region* (answer + EOS fill) masked with probability t,
+  cross-entropy on masked tokens weighted by 1/t, normalised by the number of region tokens.
+  A fraction ``--pretrain-frac`` of the examples are instead masked over the whole sequence
+  (LLaDA's pretraining objective): the prompt's tokens then carry loss too, and for copy-like
+  tasks (reverse, sort) predicting a masked prompt word from the answer trains the same
+  position-matching attention as the forward direction.
+- The answer region is the answer, EOS, then EOS fill up to a random region length (<= 32), as in
+  LLaDA SFT, so the model knows where answers end at any gen_length <= 32.
+- Tasks mixed in every batch; examples packed into fixed-length rows with block-diagonal
+  attention (per-example RoPE positions), so padding costs almost nothing.
+- fp32 on AVX2-only CPUs (bf16 autocast, ``TINY_BF16=1``, pays only with AVX512-BF16/AMX: on
+  this project's AVX2 machine a bf16 GEMM was 4x slower than fp32); a hand-written attention (torch's bf16 SDPA backward is ~4x slower at these
+  shapes on the 2-core CPU, see shared/reference/tiny_training_facts.md).
+- AdamW, linear warmup then cosine decay over a *wall-clock* budget (the constraint here).
+- Dream: same model with q/k/v biases and shifted logits (raw logit i predicts token i+1). It can
+  start from a trained tiny-llada state (``--init-from``), the analogue of Dream's own recipe of
+  adapting a pretrained model; the biases start at zero.
+
+Outputs in ``--out`` (outside git): ``state.pt`` (resumable: model, optimizer, step, elapsed
+time, RNG), ``best.pt`` (weights with the best validation mean), ``curve.jsonl`` (elapsed
+seconds -> per-task validation accuracy and loss), ``train.log``. Re-running the same command
+resumes from ``state.pt``. ``--export DIR`` writes an official-layout checkpoint (config.json,
+model.safetensors, tokenizer files) from ``best.pt`` and exits.
+
+Examples:
+    nohup python python/train_tiny.py --family llada --out /work/ckpt/llada --budget-min 70 &
+    python python/train_tiny.py --family llada --out /work/ckpt/llada --export \
+        fair_calib_ext/assets/tiny-llada
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tiny_tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, build_tokenizer, save_tokenizer  # noqa: E402
+
+from fair_calib_ext.eval.tasks import GEN_LENGTH, TASKS, make_examples, sample_example  # noqa: E402
+from fair_calib_ext.models import ModelConfig, build_model, save_pretrained  # noqa: E402
+from fair_calib_ext.models.transformer import apply_rope, rope_cos_sin  # noqa: E402
+
+MAX_REGION = 32
+# bf16 autocast only pays on CPUs with AVX512-BF16/AMX; on AVX2-only CPUs it is ~4x slower.
+USE_BF16 = os.environ.get("TINY_BF16", "0") == "1"
+TASK_WEIGHTS = {"add": 1.25, "sub": 1.25, "mul": 1.0, "sort": 1.5, "reverse": 1.5, "word": 1.0}
+
+
+def make_config(family: str, args: argparse.Namespace, vocab: int) -> ModelConfig:
+    """ModelConfig of a tiny model (vocab padded to a multiple of 64)."""
+    v = -(-vocab // 64) * 64
+    common = dict(
+        vocab_size=v, hidden_size=args.d, intermediate_size=args.mlp,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.heads, head_dim=args.d // args.heads, rope_theta=10000.0,
+        max_position_embeddings=256, tie_word_embeddings=False, mask_token_id=MASK_ID,
+        eos_token_id=EOS_ID, pad_token_id=PAD_ID, bos_token_id=BOS_ID,
+    )
+    if family == "llada":
+        return ModelConfig(family="llada", rms_norm_eps=1e-5, attention_bias=False,
+                           shift_logits=False, rope_full_precision=True, **common)
+    return ModelConfig(family="dream", rms_norm_eps=1e-6, attention_bias=True,
+                       shift_logits=True, rope_full_precision=False, **common)
+
+
+# ----------------------------------------------------------------------------- data
+class Packer:
+    """Endless stream of packed batches of mixed-task examples (train split)."""
+
+    def __init__(self, tok, rows: int, row_len: int, seed: int, pretrain_frac: float) -> None:
+        self.tok, self.rows, self.row_len = tok, rows, row_len
+        self.rng = random.Random(seed)
+        self.pretrain_frac = pretrain_frac
+        self.tasks = list(TASK_WEIGHTS)
+        self.weights = [TASK_WEIGHTS[t] for t in self.tasks]
+        self.pool: list[tuple[list[int], int, int, bool]] = []
+
+    def _refill(self, n: int = 256) -> None:
+        exs = [sample_example(self.rng.choices(self.tasks, self.weights)[0], "train", self.rng)
+               for _ in range(n)]
+        enc_p = self.tok.encode_batch([e.prompt for e in exs], add_special_tokens=False)
+        enc_a = self.tok.encode_batch([e.answer for e in exs], add_special_tokens=False)
+        for p, a in zip(enc_p, enc_a):
+            p_ids, a_ids = p.ids, a.ids
+            # region: answer + EOS, then EOS fill. Half the regions are exactly GEN_LENGTH (the
+            # evaluation setting), 30% shorter, 20% up to MAX_REGION (other gen_lengths work).
+            lo, u = len(a_ids) + 1, self.rng.random()
+            if u < 0.5:
+                region = max(lo, GEN_LENGTH)
+            else:
+                region = self.rng.randint(lo, max(lo, GEN_LENGTH if u < 0.8 else MAX_REGION))
+            ids = p_ids + a_ids + [EOS_ID] * (region - len(a_ids))
+            self.pool.append((ids, len(p_ids), region, self.rng.random() < self.pretrain_frac))
+
+    def batch(self) -> dict[str, torch.Tensor]:
+        """ids, pos, seg [R, L]; region, full (loss-eligible masks) [R, L]; t [R, L]."""
+        R, L = self.rows, self.row_len
+        ids = torch.full((R, L), PAD_ID, dtype=torch.long)
+        pos = torch.zeros((R, L), dtype=torch.long)
+        seg = torch.full((R, L), -1, dtype=torch.long)
+        elig = torch.zeros((R, L), dtype=torch.bool)
+        tt = torch.ones((R, L))
+        ex_i = 0
+        for r in range(R):
+            if len(self.pool) < 128:
+                self._refill()
+            fill = 0
+            j = 0
+            while j < len(self.pool) and fill < L - 8:
+                e, plen, region, full = self.pool[j]
+                if len(e) <= L - fill:
+                    self.pool.pop(j)
+                    n = len(e)
+                    ids[r, fill:fill + n] = torch.tensor(e)
+                    pos[r, fill:fill + n] = torch.arange(n)
+                    seg[r, fill:fill + n] = ex_i
+                    if full:  # whole sequence eligible except the first token (always "Q")
+                        elig[r, fill + 1:fill + n] = True
+                    else:
+                        elig[r, fill + plen:fill + n] = True
+                    ex_i += 1
+                    fill += n
+                else:
+                    j += 1
+        n_ex = ex_i
+        # stratified t per example: t_i = eps + (1-eps) * ((u + i/n) mod 1)
+        u = self.rng.random()
+        ts = torch.tensor([1e-3 + (1 - 1e-3) * ((u + i / n_ex) % 1.0) for i in range(n_ex)])
+        perm = torch.randperm(n_ex, generator=torch.Generator().manual_seed(self.rng.randrange(2**31)))
+        ts = ts[perm]
+        valid = seg >= 0
+        tt[valid] = ts[seg[valid]]
+        return {"ids": ids, "pos": pos, "seg": seg, "elig": elig, "t": tt}
+
+
+# ----------------------------------------------------------------------------- model forward
+def attn_bias(seg: torch.Tensor) -> torch.Tensor:
+    """Additive block-diagonal bias [R, 1, L, L]: 0 within an example, -1e4 elsewhere."""
+    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0)
+    eye = torch.eye(seg.shape[1], dtype=torch.bool)[None]
+    same = same | eye  # padding rows attend to themselves (their outputs are never used)
+    return torch.where(same, 0.0, -1e4)[:, None]
+
+
+def hidden_states(model, ids: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Final-norm hidden states [R, L, D] with a hand-written attention (training speed)."""
+    cfg = model.config
+    h = model.embed_tokens(ids)
+    rope_dtype = torch.float32 if (cfg.rope_full_precision or not USE_BF16) else torch.bfloat16
+    cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, rope_dtype)
+    b, s, _ = ids.shape[0], ids.shape[1], None
+    scale = cfg.head_dim ** -0.5
+    for layer in model.layers:
+        a = layer.attn
+        x = layer.attn_norm(h)
+        q = a.q_proj(x).view(b, s, a.num_heads, a.head_dim).transpose(1, 2)
+        k = a.k_proj(x).view(b, s, a.num_kv_heads, a.head_dim).transpose(1, 2)
+        v = a.v_proj(x).view(b, s, a.num_kv_heads, a.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        sc = torch.matmul(q, k.transpose(-1, -2)) * scale
+        if bias is not None:
+            sc = sc + bias
+        p = torch.softmax(sc.float(), dim=-1).to(v.dtype)
+        o = torch.matmul(p, v).transpose(1, 2).reshape(b, s, -1)
+        h = h + a.o_proj(o)
+        h = h + layer.mlp(layer.mlp_norm(h))
+    return model.norm(h)
+
+
+def loss_fn(model, batch: dict[str, torch.Tensor], gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """Masked-diffusion loss on a packed batch (see the module docstring)."""
+    ids, elig, t = batch["ids"], batch["elig"], batch["t"]
+    masked = elig & (torch.rand(ids.shape, generator=gen) < t)
+    x = torch.where(masked, torch.full_like(ids, MASK_ID), ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=USE_BF16):
+        h = hidden_states(model, x, batch["pos"], attn_bias(batch["seg"]))
+        r, c = masked.nonzero(as_tuple=True)
+        if model.config.shift_logits:  # Dream: token i is predicted from raw position i-1
+            hs = h[r, c - 1]
+        else:
+            hs = h[r, c]
+        logits = model.lm_head(hs)
+    ce = F.cross_entropy(logits.float(), ids[r, c], reduction="none")
+    loss = (ce / t[r, c]).sum() / elig.sum().clamp(min=1)
+    return loss, {"ce": ce.mean().item() if ce.numel() else 0.0, "n_masked": int(masked.sum())}
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def decode_low_confidence(model, prompts: list[list[int]], gen_length: int) -> list[list[int]]:
+    """LLaDA low-confidence remasking, temperature 0, one token per step (steps = gen_length),
+    pure diffusion (block = gen_length). Prompts of equal length are batched unpadded."""
+    out: list[list[int] | None] = [None] * len(prompts)
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(i)
+    for plen, idx in by_len.items():
+        for s0 in range(0, len(idx), 128):
+            chunk = idx[s0:s0 + 128]
+            x = torch.tensor([prompts[i] + [MASK_ID] * gen_length for i in chunk])
+            pos = torch.arange(x.shape[1]).expand_as(x)
+            for _ in range(gen_length):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=USE_BF16):
+                    h = hidden_states(model, x, pos, None)
+                    logits = model.lm_head(h).float()
+                if model.config.shift_logits:
+                    logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+                probs = logits.softmax(-1)
+                conf, x0 = probs.max(-1)
+                is_m = x == MASK_ID
+                conf = torch.where(is_m, conf, torch.full_like(conf, -1.0))
+                j = conf.argmax(-1)
+                rows = torch.arange(x.shape[0])
+                commit = is_m[rows, j]
+                x[rows[commit], j[commit]] = x0[rows[commit], j[commit]]
+            for k, i in enumerate(chunk):
+                out[i] = x[k, plen:].tolist()
+    return out  # type: ignore[return-value]
+
+
+def answer_text(tok, ids: list[int]) -> str:
+    """Decoded text before the first EOS."""
+    if EOS_ID in ids:
+        ids = ids[:ids.index(EOS_ID)]
+    return tok.decode(ids, skip_special_tokens=False)
+
+
+@torch.no_grad()
+def evaluate(model, tok, val: dict[str, list], gen_length: int = GEN_LENGTH) -> dict[str, float]:
+    """Exact-match accuracy (%) per task on the validation examples."""
+    model.eval()
+    res = {}
+    for task, exs in val.items():
+        prompts = [tok.encode(e.prompt, add_special_tokens=False).ids for e in exs]
+        outs = decode_low_confidence(model, prompts, gen_length)
+        ok = sum(answer_text(tok, o).strip() == e.answer.strip() for o, e in zip(outs, exs))
+        res[task] = 100.0 * ok / len(exs)
+    res["mean"] = sum(res[t] for t in val) / len(val)
+    model.train()
+    return res
+
+
+# ----------------------------------------------------------------------------- main
+def lr_at(step: int, frac: float, args: argparse.Namespace) -> float:
+    """Linear warmup over ``--warmup`` steps, then cosine to ``--lr-min-ratio`` by the budget."""
+    warm = min(1.0, (step + 1) / args.warmup)
+    frac = min(max(frac, 0.0), 1.0)
+    cos = args.lr_min_ratio + (1 - args.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+    return args.lr * warm * cos
+
+
+def save_state(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def export(args: argparse.Namespace) -> None:
+    """Write the official-layout checkpoint + tokenizer from best.pt (or state.pt)."""
+    out = Path(args.out)
+    src = out / "best.pt" if (out / "best.pt").is_file() else out / "state.pt"
+    st = torch.load(src, map_location="cpu", weights_only=False)
+    cfg = ModelConfig.from_dict(st["config"])
+    model = build_model(cfg)
+    model.load_state_dict(st["model"])
+    gen_cfg = None
+    if cfg.family == "dream":
+        gen_cfg = {"mask_token_id": MASK_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
+                   "bos_token_id": BOS_ID, "max_new_tokens": GEN_LENGTH, "steps": GEN_LENGTH,
+                   "temperature": 0.0, "alg": "entropy"}
+    dst = Path(args.export)
+    save_pretrained(model, dst, dtype=torch.float32, generation_config=gen_cfg)
+    save_tokenizer(dst)
+    info = {k: st.get(k) for k in ("step", "elapsed", "best", "examples")}
+    info["source"] = str(src)
+    (dst / "training_state.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"exported {src} -> {dst}: {info}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", choices=["llada", "dream"], default="llada")
+    ap.add_argument("--out", required=True, help="checkpoint/log directory (outside git)")
+    ap.add_argument("--budget-min", type=float, default=60.0, help="wall-clock budget of the LR schedule")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="1 is fastest on a shared 2-core CPU (OpenMP spin-waits when oversubscribed)")
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=5)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--mlp", type=int, default=384)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr-min-ratio", type=float, default=0.05)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--wd", type=float, default=0.05)
+    ap.add_argument("--rows", type=int, default=24)
+    ap.add_argument("--row-len", type=int, default=96)
+    ap.add_argument("--pretrain-frac", type=float, default=0.3)
+    ap.add_argument("--eval-every-s", type=float, default=300.0)
+    ap.add_argument("--eval-n", type=int, default=60, help="validation examples per task")
+    ap.add_argument("--save-every-s", type=float, default=120.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init-from", default=None, help="state.pt/best.pt of another run to start from")
+    ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: budget)")
+    ap.add_argument("--export", default=None, help="export best.pt to this dir and exit")
+    args = ap.parse_args()
+
+    if args.export:
+        export(args)
+        return
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "train.log", "a", buffering=1)
+
+    def say(msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        log.write(line + "\n")
+
+    tok = build_tokenizer()
+    cfg = make_config(args.family, args, tok.get_vocab_size())
+    torch.manual_seed(args.seed)
+    model = build_model(cfg, seed=args.seed).train()
+    decay = [p for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim == 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+    step, elapsed, best, examples = 0, 0.0, -1.0, 0
+    packer = Packer(tok, args.rows, args.row_len, args.seed, args.pretrain_frac)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    state_path = out / "state.pt"
+    if state_path.is_file():
+        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        step, elapsed, best, examples = st["step"], st["elapsed"], st["best"], st.get("examples", 0)
+        packer.rng.setstate(st["py_rng"])
+        gen.set_state(st["gen_rng"])
+        say(f"resumed from {state_path} at step {step}, {elapsed / 60:.1f} min")
+    elif args.init_from:
+        st = torch.load(args.init_from, map_location="cpu", weights_only=False)
+        missing, unexpected = model.load_state_dict(st["model"], strict=False)
+        if unexpected or any(not m.endswith(".bias") for m in missing):
+            raise SystemExit(f"--init-from mismatch: missing {missing}, unexpected {unexpected}")
+        with torch.no_grad():
+            for m in missing:  # Dream's q/k/v biases start at zero
+                model.get_parameter(m).zero_()
+        say(f"initialised from {args.init_from} (step {st.get('step')}); zeroed {len(missing)} biases")
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"{cfg.family}: {n_params / 1e6:.2f}M params, config {cfg.to_dict()}, args {vars(args)}")
+
+    val = {t: make_examples(t, "val", args.eval_n, seed=0) for t in TASKS}
+    budget = args.budget_min * 60.0
+    t_last_eval = elapsed  # no evaluation of the untrained model
+    t_last_save = elapsed
+    t0 = time.time() - elapsed
+    run_loss, run_n, t_log = 0.0, 0, time.time()
+    while True:
+        elapsed = time.time() - t0
+        if elapsed - t_last_eval >= args.eval_every_s or elapsed >= budget or (
+                args.max_steps and step >= args.max_steps):
+            te = time.time()
+            res = evaluate(model, tok, val)
+            t0 += time.time() - te  # evaluation time is not training time
+            rec = {"step": step, "train_s": round(elapsed, 1), "examples": examples,
+                   "loss": round(run_loss / max(run_n, 1), 4), "eval_s": round(time.time() - te, 1),
+                   "time": time.strftime("%H:%M:%S"), **{k: round(v, 1) for k, v in res.items()}}
+            with open(out / "curve.jsonl", "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            say("eval " + json.dumps(rec))
+            if res["mean"] >= best:
+                best = res["mean"]
+                save_state(out / "best.pt", {"model": model.state_dict(), "config": cfg.to_dict(),
+                                             "step": step, "elapsed": elapsed, "best": best,
+                                             "examples": examples, "eval": rec})
+            t_last_eval = elapsed
+            if elapsed >= budget or (args.max_steps and step >= args.max_steps):
+                break
+        lr = lr_at(step, elapsed / budget, args)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batch = packer.batch()
+        loss, info = loss_fn(model, batch, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        examples += int(batch["seg"].max()) + 1
+        run_loss += loss.item()
+        run_n += 1
+        if time.time() - t_log >= 30:
+            say(f"step {step} {elapsed / 60:.1f}/{budget / 60:.0f} min lr {lr:.2e} "
+                f"loss {run_loss / run_n:.4f} ce {info['ce']:.3f} "
+                f"pad {(batch['seg'] < 0).float().mean():.3f} ex {examples}")
+            run_loss, run_n, t_log = 0.0, 0, time.time()
+        if elapsed - t_last_save >= args.save_every_s:
+            save_state(state_path, {"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                                    "elapsed": elapsed, "best": best, "examples": examples,
+                                    "py_rng": packer.rng.getstate(), "gen_rng": gen.get_state(),
+                                    "config": cfg.to_dict(), "args": vars(args)})
+            t_last_save = elapsed
+    save_state(state_path, {"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                            "elapsed": elapsed, "best": best, "examples": examples,
+                            "py_rng": packer.rng.getstate(), "gen_rng": gen.get_state(),
+                            "config": cfg.to_dict(), "args": vars(args)})
+    say(f"done: step {step}, {elapsed / 60:.1f} min, best val mean {best:.1f}")
+
+
+if __name__ == "__main__":
+    main()
