@@ -129,10 +129,47 @@ def build_model(
     return model.to(device=device, dtype=dtype).eval()
 
 
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _read_header(fname: Path) -> tuple[dict[str, Any], int]:
+    """(tensor entries, byte offset of the data section) of a safetensors file."""
+    with open(fname, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise CheckpointError(f"{fname}: not a safetensors file (too short)")
+        n = int.from_bytes(raw, "little")
+        if n <= 0 or n > 100_000_000:
+            raise CheckpointError(f"{fname}: not a safetensors file (bad header length {n})")
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _read_tensor(fh: Any, entry: dict[str, Any], data_start: int, fname: Path, name: str) -> torch.Tensor:
+    """One tensor read straight into fresh memory (no mmap, so no second resident copy)."""
+    dt = _ST_DTYPES.get(entry["dtype"])
+    if dt is None:
+        raise CheckpointError(f"{fname}: tensor {name} has unsupported dtype {entry['dtype']}")
+    begin, end = entry["data_offsets"]
+    t = torch.empty(entry["shape"], dtype=dt)
+    nbytes = t.numel() * t.element_size()
+    if end - begin != nbytes:
+        raise CheckpointError(f"{fname}: tensor {name} byte size {end - begin} does not match its shape")
+    if nbytes:
+        fh.seek(data_start + begin)
+        got = fh.readinto(t.view(-1).view(torch.uint8).numpy())
+        if got != nbytes:
+            raise CheckpointError(f"{fname}: truncated while reading {name}")
+    return t
+
+
 def _shard_files(path: Path) -> dict[str, list[str]]:
     """file -> tensor names, from model.safetensors or a sharded index."""
-    from safetensors import safe_open
-
     index = path / "model.safetensors.index.json"
     single = path / "model.safetensors"
     if index.is_file():
@@ -146,8 +183,7 @@ def _shard_files(path: Path) -> dict[str, list[str]]:
                 raise CheckpointError(f"{path}: shard {fname} listed in the index is missing")
         return files
     if single.is_file():
-        with safe_open(str(single), framework="pt") as f:
-            return {"model.safetensors": list(f.keys())}
+        return {"model.safetensors": list(_read_header(single)[0])}
     if list(path.glob("*.bin")) or list(path.glob("*.pt")):
         raise CheckpointError(f"{path}: only safetensors checkpoints are supported (found .bin/.pt files)")
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
@@ -167,14 +203,15 @@ def load_pretrained(
     :class:`CheckpointError` listing them. Directories whose config.json has a
     ``quantization_config`` block are handed to ``fair_calib_ext.calib.checkpoint.load_quantized``.
     """
-    from safetensors import safe_open
-
     path = resolve_model_path(path_or_name)
     raw = read_config(path)
     if "quantization_config" in raw:
         from ..calib.checkpoint import load_quantized  # another package's module: import lazily
 
-        return load_quantized(path, dtype=dtype, device=device)
+        qmodel = load_quantized(path, dtype=dtype, device=device)
+        if isinstance(qmodel, nn.Module) and not hasattr(qmodel, "generation_config"):
+            qmodel.generation_config = load_generation_config(path)
+        return qmodel
     config = parse_official_config(raw)
     fam = _family_module(config)
     device = torch.device(device)
@@ -188,26 +225,27 @@ def load_pretrained(
     seen: set[str] = set()
     unexpected: list[str] = []
     bad_shape: list[str] = []
-    modules = dict(model.named_modules())
+    # check every name and shape first, so a bad checkpoint fails before reading gigabytes
+    plan: list[tuple[Path, str, str]] = []
+    headers: dict[Path, tuple[dict[str, Any], int]] = {}
     for fname, names in files.items():
-        with safe_open(str(path / fname), framework="pt", device="cpu") as f:
-            for oname in names:
-                nname = fam.official_to_native(oname)
-                if tied and nname == "lm_head.weight":
-                    continue  # a tied checkpoint that also stores the head: the copy is redundant
-                if nname is None or nname not in expected:
-                    unexpected.append(oname)
-                    continue
-                ref = expected[nname]
-                sl = f.get_slice(oname)
-                shape = tuple(sl.get_shape())
-                if shape != tuple(ref.shape):
-                    bad_shape.append(f"{oname}: checkpoint {list(shape)} vs model {list(ref.shape)}")
-                    continue
-                t = f.get_tensor(oname).to(device=device, dtype=dtype)
-                mod_name, _, pname = nname.rpartition(".")
-                setattr(modules[mod_name], pname, nn.Parameter(t, requires_grad=False))
-                seen.add(nname)
+        fpath = path / fname
+        header, _ = headers.setdefault(fpath, _read_header(fpath))
+        for oname in names:
+            if oname not in header:
+                raise CheckpointError(f"{fpath}: the index lists {oname}, which the file does not contain")
+            nname = fam.official_to_native(oname)
+            if tied and nname == "lm_head.weight":
+                continue  # a tied checkpoint that also stores the head: the copy is redundant
+            if nname is None or nname not in expected:
+                unexpected.append(oname)
+                continue
+            shape, ref = tuple(header[oname]["shape"]), tuple(expected[nname].shape)
+            if shape != ref:
+                bad_shape.append(f"{oname}: checkpoint {list(shape)} vs model {list(ref)}")
+                continue
+            plan.append((fpath, oname, nname))
+            seen.add(nname)
     missing = sorted(fam.native_to_official(n) for n in expected if n not in seen)
     if missing or unexpected or bad_shape:
         parts = [f"cannot load {path} as {config.family}:"]
@@ -220,6 +258,21 @@ def load_pretrained(
         if bad_shape:
             parts.append(f"shape mismatches ({len(bad_shape)}): {'; '.join(bad_shape[:20])}")
         raise CheckpointError("\n  ".join(parts))
+    modules = dict(model.named_modules())
+    handles: dict[Path, Any] = {}
+    try:
+        for fpath, oname, nname in plan:
+            fh = handles.get(fpath)
+            if fh is None:
+                fh = handles[fpath] = open(fpath, "rb")
+            header, start = headers[fpath]
+            t = _read_tensor(fh, header[oname], start, fpath, oname)
+            t = t.to(device=device, dtype=dtype)  # per tensor: at most one extra tensor alive
+            mod_name, _, pname = nname.rpartition(".")
+            setattr(modules[mod_name], pname, nn.Parameter(t, requires_grad=False))
+    finally:
+        for fh in handles.values():
+            fh.close()
     if tied:
         model.lm_head.weight = model.embed_tokens.weight
     model.requires_grad_(True)
