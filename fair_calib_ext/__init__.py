@@ -18,3 +18,8 @@ if _C is not None:
     from . import ops  # noqa: F401,E402  (fake impls and autograd for the ops)
 
 from ._build_info import build_info  # noqa: E402,F401
+
+# Registers LLaDA ("llada") and Dream ("Dream") with transformers' Auto classes so that
+# AutoModel.from_pretrained(dir) works without remote code. Cheap (~50 ms): transformers itself
+# is not imported here; the registration runs when transformers' auto modules are first loaded.
+from . import models as _models  # noqa: E402,F401
