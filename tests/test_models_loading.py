@@ -245,3 +245,24 @@ def test_modelconfig_dict_roundtrip():
         tiny_config("dream", num_key_value_heads=3)
     with pytest.raises(ValueError, match="mask_token_id"):
         tiny_config("llada", mask_token_id=96)
+
+
+def test_registration_after_plain_package_import(tmp_path):
+    """`import fair_calib_ext` alone registers the Auto classes, without importing transformers."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    path = tiny_checkpoint(tmp_path / "m", "llada")
+    code = (
+        "import sys, fair_calib_ext\n"
+        "assert 'transformers' not in sys.modules, 'transformers imported eagerly'\n"
+        "from transformers import AutoModel\n"
+        f"m = AutoModel.from_pretrained({str(path)!r})\n"
+        "print(type(m).__name__, m.config.family)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "DiffusionLM llada"
