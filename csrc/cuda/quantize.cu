@@ -17,15 +17,20 @@ namespace fair_cuda {
 namespace {
 
 __device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(double v) { return __double2float_rn(v); }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-// Load 8 consecutive elements (16-byte aligned for 2-byte types, 32-byte for fp32).
+// Load 8 consecutive elements as fp32 (the row base is 32-byte aligned on the vector path).
 __device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
   const float4 lo = reinterpret_cast<const float4*>(p)[0];
   const float4 hi = reinterpret_cast<const float4*>(p)[1];
   v[0] = lo.x; v[1] = lo.y; v[2] = lo.z; v[3] = lo.w;
   v[4] = hi.x; v[5] = hi.y; v[6] = hi.z; v[7] = hi.w;
+}
+__device__ __forceinline__ void load8(const double* p, float (&v)[8]) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v[i] = __double2float_rn(p[i]);
 }
 template <typename T>
 __device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
@@ -197,6 +202,9 @@ cudaError_t launch_quantize_int4(const void* x, DType x_dtype, int64_t rows, int
     case DType::kBFloat16:
       return launch_quantize_typed(static_cast<const __nv_bfloat16*>(x), rows, k, clip, packed,
                                    scale, stream);
+    case DType::kFloat64:  // rounded to fp32 first, as the CPU op does
+      return launch_quantize_typed(static_cast<const double*>(x), rows, k, clip, packed, scale,
+                                   stream);
     default:
       return cudaErrorInvalidValue;
   }
