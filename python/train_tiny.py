@@ -279,11 +279,13 @@ def export(args: argparse.Namespace) -> None:
     cfg = ModelConfig.from_dict(st["config"])
     model = build_model(cfg)
     model.load_state_dict(st["model"])
-    gen_cfg = None
-    if cfg.family == "dream":
-        gen_cfg = {"mask_token_id": MASK_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
-                   "bos_token_id": BOS_ID, "max_new_tokens": GEN_LENGTH, "steps": GEN_LENGTH,
-                   "temperature": 0.0, "alg": "entropy"}
+    ids = {"mask_token_id": MASK_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID, "bos_token_id": BOS_ID}
+    if cfg.family == "dream":  # Dream's generation_config keys
+        gen_cfg = {**ids, "max_new_tokens": GEN_LENGTH, "steps": GEN_LENGTH, "temperature": 0.0,
+                   "alg": "entropy"}
+    else:  # LLaDA generate.py argument names
+        gen_cfg = {**ids, "gen_length": GEN_LENGTH, "steps": GEN_LENGTH, "block_length": GEN_LENGTH,
+                   "temperature": 0.0, "remasking": "low_confidence"}
     dst = Path(args.export)
     save_pretrained(model, dst, dtype=torch.float32, generation_config=gen_cfg)
     save_tokenizer(dst)
