@@ -1,8 +1,7 @@
 """Exact-match accuracy on the embedded task suite, decoding with the diffusion sampler.
 
-Prompts are grouped by token length and decoded in batches of equal length, so no padding (and
-no position shift from left padding) enters the tiny models; real checkpoints with long prompts
-go through the same path. Decoding settings (``gen_kwargs``) are passed straight to
+Prompts are sorted by token length, cut into batches and left-padded with an attention mask
+(which leaves the real tokens' logits unchanged, see :func:`pad_batch`). Decoding settings (``gen_kwargs``) are passed straight to
 ``fair_calib_ext.sampling.generate``; :func:`default_gen_kwargs` gives the project defaults.
 """
 
@@ -18,6 +17,7 @@ __all__ = [
     "default_gen_kwargs",
     "encode_prompts",
     "length_buckets",
+    "pad_batch",
     "decode_generation",
     "generate_texts",
     "task_examples",
@@ -62,15 +62,23 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], prefix_ids: Sequence[
 
 
 def length_buckets(seqs: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of equal sequence length (≤ batch_size each), stable order."""
-    by_len: dict[int, list[int]] = defaultdict(list)
-    for i, s in enumerate(seqs):
-        by_len[len(s)].append(i)
-    out = []
-    for n in sorted(by_len):
-        idx = by_len[n]
-        out += [idx[k : k + batch_size] for k in range(0, len(idx), batch_size)]
-    return out
+    """Indices sorted by sequence length and cut into batches of ≤ batch_size (little padding)."""
+    order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), i))
+    return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor | None]:
+    """Left-pad a batch: (ids [B, P], attention_mask [B, P] or None when nothing is padded).
+
+    Left padding with a key mask leaves the real tokens' logits unchanged for both families
+    (RoPE scores depend only on position differences; Dream re-numbers positions under a mask).
+    """
+    from fair_calib_ext.sampling import left_pad
+
+    ids, mask = left_pad(seqs, pad_id)
+    if bool(mask.bool().all()):
+        return ids.to(device), None
+    return ids.to(device), mask.to(device)
 
 
 def decode_generation(tokenizer: Any, gen_ids: Sequence[int], eos_id: int | None) -> str:
@@ -106,15 +114,24 @@ def generate_texts(
 
         it = tqdm(batches, desc=desc, leave=False)
     eos = eos_id if eos_id is not None else getattr(model.config, "eos_token_id", None)
+    pad = _pad_id(model, tokenizer)
     for idx in it:
-        x = torch.tensor([list(prompt_ids[i]) for i in idx], dtype=torch.long, device=device)
-        out = generate(model, x, **gen_kwargs)
+        x, mask = pad_batch([list(prompt_ids[i]) for i in idx], pad, device)
+        out = generate(model, x, attention_mask=mask, **gen_kwargs)
         gen = out[:, x.shape[1] :].cpu()
         if on_batch is not None:
             on_batch(idx, gen)
         for j, i in enumerate(idx):
             texts[i] = decode_generation(tokenizer, gen[j].tolist(), eos)
     return texts
+
+
+def _pad_id(model: Any, tokenizer: Any) -> int:
+    for v in (getattr(tokenizer, "pad_token_id", None), getattr(model.config, "pad_token_id", None),
+              getattr(model.config, "eos_token_id", None)):
+        if v is not None:
+            return int(v)
+    return 0
 
 
 def _device(model: Any) -> torch.device:

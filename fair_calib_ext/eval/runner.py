@@ -13,7 +13,16 @@ from typing import Any, Sequence
 
 import torch
 
-from .accuracy import encode_prompts, generate_texts, length_buckets, score_predictions, summarize_accuracy, task_examples
+from .accuracy import (
+    _pad_id,
+    encode_prompts,
+    generate_texts,
+    length_buckets,
+    pad_batch,
+    score_predictions,
+    summarize_accuracy,
+    task_examples,
+)
 from .distributed import DistContext, gather, gather_indexed, shard
 from .likelihood import perplexity, score_continuations, text_pairs
 
@@ -96,9 +105,10 @@ def _metrics(model, teacher, tokenizer, n, seed, gen_kwargs, batch_size, prefix,
         from tqdm.auto import tqdm
 
         it = tqdm(batches, desc="metrics", leave=False)
+    pad = _pad_id(model, tokenizer)
     for b in it:
-        x = torch.tensor([ids[i] for i in b], dtype=torch.long, device=device)
-        parts.append(mechanism_records(teacher, model, x, gen_kwargs=gen_kwargs))
+        x, mask = pad_batch([ids[i] for i in b], pad, device)
+        parts.append(mechanism_records(teacher, model, x, attention_mask=mask, gen_kwargs=gen_kwargs))
     gathered = [p for part in gather(parts, ctx) for p in part]
     if not gathered:
         raise ValueError("no prompts for the mechanism metrics (n must be >= 1)")
