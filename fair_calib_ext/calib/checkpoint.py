@@ -45,8 +45,13 @@ def _package_version() -> str:
 
 def save_quantized(model: nn.Module, out_dir: str | os.PathLike[str], *, overwrite: bool = False,
                    tokenizer_from: str | os.PathLike[str] | None = None,
-                   extra: dict[str, Any] | None = None) -> Path:
-    """Write a calibrated model (QuantLinear modules) to ``out_dir`` atomically."""
+                   extra: dict[str, Any] | None = None,
+                   extra_files: dict[str, bytes | str] | None = None) -> Path:
+    """Write a calibrated model (QuantLinear modules) to ``out_dir`` atomically.
+
+    ``extra`` is merged into the quantization_config block; ``extra_files`` (name -> content)
+    are written into the directory too (calibration log, prior), inside the same atomic rename.
+    """
     from safetensors.torch import save_file
 
     from ..models import official_config
@@ -91,6 +96,8 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike[str], *, overwri
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(off, indent=2) + "\n")
+        for fn, content in (extra_files or {}).items():
+            (tmp / fn).write_bytes(content if isinstance(content, bytes) else content.encode())
         if tokenizer_from is not None:
             src = Path(tokenizer_from)
             for fn in TOKENIZER_FILES:

@@ -2,7 +2,7 @@
 
 One formula serves every path (reference, fake-quant for calibration, GPTQ):
 
-    scale = clip * absmax(row) / qmax          computed in fp32, 1.0 for an all-zero row
+    scale = (clip * absmax(row)) / qmax        computed in fp32, 1.0 where that is 0
     q     = clamp(round_half_even(x.float() / scale), -qmax - 1, qmax)
     x_hat = q * scale
 
@@ -104,7 +104,7 @@ def compute_scale(x: torch.Tensor, bits: int, clip: float | torch.Tensor = 1.0) 
     """Per-row fp32 scale [R] (or [..., 1]-broadcastable when x has more dims), keepdim.
 
     scale = clip * absmax / qmax, exactly this order of fp32 operations (the kernels' order);
-    rows that are all zero get scale 1.0. ``clip`` may be a float or a tensor broadcastable to
+    a zero scale (all-zero row, or clip*absmax/qmax underflowing) becomes 1.0, as in the kernels. ``clip`` may be a float or a tensor broadcastable to
     the row dimension (per-row learnable clip), and may carry gradients.
     """
     absmax = x.float().abs().amax(dim=-1, keepdim=True)
@@ -115,7 +115,7 @@ def compute_scale(x: torch.Tensor, bits: int, clip: float | torch.Tensor = 1.0) 
         scale = clip_t * absmax / qmax_for(bits)
     else:
         scale = (torch.tensor(clip, dtype=torch.float32) * absmax) / qmax_for(bits)
-    return torch.where(absmax == 0, torch.ones_like(scale), scale)
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
 
 
 def quantize_ref(

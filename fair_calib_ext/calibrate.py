@@ -1,0 +1,259 @@
+"""``python -m fair_calib_ext.calibrate``: W4A4 calibration of a LLaDA / Dream model.
+
+Examples:
+    python -m fair_calib_ext.calibrate --model tiny-llada --method fair --out runs/tiny-llada-fair
+    python -m fair_calib_ext.calibrate --model /ckpt/LLaDA-8B-Base --method quarot+gptq \\
+        --calib-data wikitext2_train.txt --nsamples 128 --seqlen 1024 --device cuda --out q/llada-quarot
+
+Writes a packed checkpoint (``load_pretrained(out)`` / ``sample --quantized out``), the per-block
+losses as JSON lines (``calib_log.jsonl``, also streamed to ``--log``) and, for ``fair``, the
+position prior (``prior.safetensors`` + ``prior.json`` + ``prior.png``). Bad input ends with a
+one-line ``error: ...`` on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["main", "build_calibration_data"]
+
+
+class UsageError(Exception):
+    """A problem with the user's input (reported in one line, exit code 2)."""
+
+
+def _read_texts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise UsageError(f"--calib-data {path}: file not found")
+    raw = path.read_text(encoding="utf-8")
+    if path.suffix in (".jsonl", ".json"):
+        texts = []
+        for ln, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"--calib-data {path}:{ln}: invalid JSON ({exc.msg})") from None
+            if isinstance(obj, str):
+                texts.append(obj)
+            elif isinstance(obj, dict) and "text" in obj:
+                texts.append(str(obj["text"]))
+            elif isinstance(obj, dict) and "prompt" in obj and "answer" in obj:
+                texts.append(str(obj["prompt"]) + str(obj["answer"]))
+            else:
+                raise UsageError(f"--calib-data {path}:{ln}: expected a string or an object with "
+                                 f"'text' or 'prompt'+'answer'")
+    else:
+        texts = [t for t in raw.splitlines() if t.strip()]
+    if not texts:
+        raise UsageError(f"--calib-data {path}: no text found")
+    return texts
+
+
+def build_calibration_data(tokenizer: Any, texts: list[str], nsamples: int, seqlen: int, seed: int,
+                           eos_id: int | None) -> torch.Tensor:
+    """Token windows [nsamples, seqlen] cut at seeded random offsets from the concatenation of
+    ``texts`` (each followed by EOS) — the WikiText-style recipe; fully visible, no padding."""
+    stream: list[int] = []
+    for t in texts:
+        stream.extend(tokenizer.encode(t, add_special_tokens=False))
+        if eos_id is not None:
+            stream.append(eos_id)
+    if len(stream) < seqlen + 1:
+        reps = (seqlen + 1) // max(1, len(stream)) + 1  # short corpora are cycled, said in the log
+        stream = stream * reps
+    ids = torch.tensor(stream, dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=g)
+    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fair_calib_ext.calibrate", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="official HF dir or embedded name (tiny-llada, tiny-dream)")
+    p.add_argument("--method", default="fair",
+                   help="rtn | smoothquant | quarot | gptq | flatquant | fair, optionally +gptq")
+    p.add_argument("--bits", default="w4a4", help="w4a4 | w4a8 | w8a8 | w4a16")
+    p.add_argument("--calib-data", default=None,
+                   help="text (one document per line) or jsonl ({'text'} or {'prompt','answer'}); "
+                        "default: the embedded corpus (fair_calib_ext.eval.corpus calibration split)")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=None, help="default: min(1024, model context)")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--clip-lr", type=float, default=5e-2)
+    p.add_argument("--fp-inputs", action="store_true", help="FlatQuant's convention: FP block inputs")
+    p.add_argument("--sq-alpha", type=float, default=0.5)
+    p.add_argument("--act-clip", type=float, default=None, help="fixed activation clip (default: method's)")
+    p.add_argument("--w-clip-search", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--gptq-act-order", action="store_true")
+    p.add_argument("--gptq-damp", type=float, default=0.01)
+    p.add_argument("--gptq-block", type=int, default=128)
+    g = p.add_argument_group("FAIR-Calib Stage I prior")
+    g.add_argument("--prior", default=None, help="load a saved prior (path without suffix or .safetensors)")
+    g.add_argument("--prior-mode", default="both", choices=("both", "frontier", "masked", "uniform"))
+    g.add_argument("--n-probe", type=int, default=512)
+    g.add_argument("--probe-gen-length", type=int, default=None, help="K; default seqlen/4 (256 at 1024)")
+    g.add_argument("--probe-steps", type=int, default=None, help="default K (one commit per step)")
+    g.add_argument("--probe-block", type=int, default=32)
+    g.add_argument("--lambda0", default="early", choices=("early", "flat", "late", "exp"))
+    g.add_argument("--lambda1", type=float, default=1.0)
+    g.add_argument("--reliability", default="prob", choices=("prob", "neg_entropy", "margin"))
+    g.add_argument("--floor", type=float, default=0.1)
+    g.add_argument("--probe-batch-size", type=int, default=8)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--run-dir", default=None, help="per-block checkpoints for resume (default: <out>.run)")
+    p.add_argument("--log", default=None, help="also append the JSON-lines log here")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--act-dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
+                   help="dtype of the calibration activations held on CPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from .calib import MethodConfig, PositionPrior, calibrate, probe_prior, save_quantized
+    from .calib.layerwise import peak_memory_mb
+    from .models import CheckpointError, load_pretrained, load_tokenizer, resolve_model_path
+    from .quant import QuantConfig
+
+    t_start = time.time()
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise UsageError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
+    try:
+        quant = QuantConfig.preset(args.bits, **({"a_clip": args.act_clip} if args.act_clip else {}))
+        wcs = {"auto": None, "on": True, "off": False}[args.w_clip_search]
+        cfg = MethodConfig(method=args.method, quant=quant, seed=args.seed, fp_inputs=args.fp_inputs,
+                           sq_alpha=args.sq_alpha, w_clip_search=wcs, gptq_damp=args.gptq_damp,
+                           gptq_block=args.gptq_block, gptq_act_order=args.gptq_act_order,
+                           epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, clip_lr=args.clip_lr)
+        if args.act_clip and cfg.transform == "quarot":
+            cfg.quarot_act_clip = args.act_clip
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    for name in ("nsamples", "epochs", "batch_size", "n_probe"):
+        if getattr(args, name) < (0 if name == "epochs" else 1):
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda requested but torch has no CUDA device")
+    try:
+        model_path = resolve_model_path(args.model)
+        model = load_pretrained(model_path, dtype=torch.float32, device="cpu")
+        tok = load_tokenizer(model_path)
+    except (CheckpointError, OSError) as exc:
+        raise UsageError(str(exc).splitlines()[0]) from None
+    if hasattr(model, "quantization_config"):
+        raise UsageError(f"--model {args.model} is already quantized")
+    mc = model.config
+    seqlen = args.seqlen or min(1024, mc.max_position_embeddings)
+    if seqlen < 2 or seqlen > mc.max_position_embeddings:
+        raise UsageError(f"--seqlen {seqlen} outside [2, {mc.max_position_embeddings}] for this model")
+    if args.calib_data:
+        texts = _read_texts(Path(args.calib_data))
+    else:
+        from .eval.corpus import calib_texts
+
+        texts = calib_texts(max(2000, args.nsamples * 8), seed=args.seed)
+    data = build_calibration_data(tok, texts, args.nsamples, seqlen, args.seed, mc.eos_token_id)
+
+    logs: list[dict[str, Any]] = []
+    log_fh = open(args.log, "a", encoding="utf-8") if args.log else None
+
+    def log(rec: dict[str, Any]) -> None:
+        logs.append(rec)
+        if log_fh is not None:
+            log_fh.write(json.dumps(rec) + "\n")
+            log_fh.flush()
+
+    prior = None
+    t_prior = 0.0
+    extra_files: dict[str, bytes | str] = {}
+    if cfg.transform == "fair":
+        if args.prior:
+            try:
+                prior = PositionPrior.load(args.prior)
+            except (FileNotFoundError, KeyError, ValueError) as exc:
+                raise UsageError(str(exc)) from None
+        elif args.prior_mode == "uniform":
+            prior = PositionPrior.uniform()
+        else:
+            k = args.probe_gen_length or max(1, seqlen // 4)
+            if k >= seqlen:
+                raise UsageError(f"--probe-gen-length {k} must be < seqlen {seqlen}")
+            t0 = time.time()
+            pdata = build_calibration_data(tok, texts, min(args.n_probe, 512), seqlen, args.seed + 1,
+                                           mc.eos_token_id)
+            prior = probe_prior(model.to(device), pdata[:, :seqlen - k], n_probe=args.n_probe, gen_length=k,
+                                steps=args.probe_steps, block_length=args.probe_block,
+                                lambda0_schedule=args.lambda0, lambda1=args.lambda1,
+                                reliability=args.reliability, mode=args.prior_mode, floor=args.floor,
+                                batch_size=args.probe_batch_size, seed=args.seed,
+                                progress=not args.no_progress)
+            model.to("cpu")
+            t_prior = time.time() - t0
+            log({"event": "prior", "seconds": round(t_prior, 3), "weights": prior.weights.tolist(),
+                 **prior.settings})
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as td:
+            st, js = prior.save(Path(td) / "prior")
+            extra_files["prior.safetensors"] = st.read_bytes()
+            extra_files["prior.json"] = js.read_text()
+            try:
+                prior.plot(Path(td) / "prior.png")
+                extra_files["prior.png"] = (Path(td) / "prior.png").read_bytes()
+            except Exception as exc:  # noqa: BLE001 - a missing plotting backend must not fail the run
+                log({"event": "warning", "message": f"prior plot skipped: {exc}"})
+    act_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.act_dtype]
+    run_dir = Path(args.run_dir) if args.run_dir else out.with_name(out.name + ".run")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    try:
+        calibrate(model, cfg, data, prior, device=device, act_dtype=act_dtype, run_dir=run_dir,
+                  progress=not args.no_progress, log=log)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    t_calib = time.time() - t0
+    summary = {"event": "done", "model": str(args.model), "method": cfg.method, "bits": quant.name,
+               "nsamples": args.nsamples, "seqlen": seqlen, "epochs": cfg.epochs if cfg.learns else 0,
+               "prior_seconds": round(t_prior, 2), "calib_seconds": round(t_calib, 2),
+               "total_seconds": round(time.time() - t_start, 2), **peak_memory_mb(device), "out": str(out)}
+    log(summary)
+    extra_files["calib_log.jsonl"] = "".join(json.dumps(r) + "\n" for r in logs)
+    save_quantized(model, out, overwrite=args.overwrite, tokenizer_from=model_path, extra_files=extra_files)
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)  # finished: the resume state is no longer needed
+    if log_fh is not None:
+        log_fh.close()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        summary = run(args)
+    except (UsageError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
