@@ -1,0 +1,75 @@
+"""python/reproduce.py --quick end to end on tiny random checkpoints (both families), shrunk
+further so it stays a few seconds of compute; checks the report, plots and the run cache."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from fair_calib_ext.models.testing import tiny_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repro")
+    tt = _load("tiny_tokenizer", REPO / "python" / "tiny_tokenizer.py")
+    ids = dict(vocab_size=768, mask_token_id=2, eos_token_id=1, pad_token_id=0, bos_token_id=3,
+               hidden_size=64, intermediate_size=128, head_dim=16)
+    out = []
+    for fam in ("llada", "dream"):
+        p = tiny_checkpoint(root / f"tiny-{fam}", fam, seed=0, init_std=0.2, **ids)
+        tt.save_tokenizer(p)
+        out.append(str(p))
+    return out
+
+
+@pytest.fixture
+def keep_threads():
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)  # reproduce --threads changes the process-wide setting
+
+
+def test_quick_report(models, tmp_path, keep_threads):
+    rep = _load("reproduce", REPO / "python" / "reproduce.py")
+    args = ["--quick", "--models", *models, "--out", str(tmp_path / "runs"), "--report", str(tmp_path / "REPORT.md"),
+            "--no-progress", "--threads", "1", "--n-eval", "1", "--n-metrics", "3", "--n-ppl", "2", "--mc-num", "2",
+            "--n-calib", "4", "--seqlen", "24", "--n-probe", "8", "--n-probe-max", "8"]
+    assert rep.main(args) == 0
+    text = (tmp_path / "REPORT.md").read_text()
+    for fam in ("llada", "dream"):
+        assert f"## tiny-{fam}" in text
+    for row in rep.QUICK.rows:
+        assert text.count(f"| {row} |") >= 2, row
+    assert "| uniform |" in text and "Against the paper's pattern" in text
+    assert (tmp_path / "report_plots" / "tiny-llada_lag_ccdf.png").is_file()
+    assert (tmp_path / "report_plots" / "tiny-dream_prior.png").is_file()
+    run = json.loads((tmp_path / "runs" / "runs" / "tiny_llada" / "FAIR_Calib" / "seed0.json").read_text())
+    assert run["prior"]["settings"]["n_probe"] == 8 and run["calib_time_s"] > 0
+    assert run["metrics"]["flips"]["n_commits"] > 0
+    # a second call reuses every cached run and rewrites the same tables
+    (tmp_path / "REPORT.md").unlink()
+    assert rep.main(args) == 0
+    assert (tmp_path / "REPORT.md").read_text().split("## Setup")[1] == text.split("## Setup")[1]
+
+
+def test_unknown_row_is_rejected(tmp_path):
+    rep = _load("reproduce", REPO / "python" / "reproduce.py")
+    with pytest.raises(ValueError, match="unknown row"):
+        rep.main(["--quick", "--rows", "FP", "Nope", "--out", str(tmp_path), "--report", str(tmp_path / "R.md")])
