@@ -21,7 +21,7 @@
 namespace fair::cpu {
 namespace {
 
-constexpr int kMr = 6;
+constexpr int kMr = 4;  // rows per micro tile (the loop body below is written out for 4)
 constexpr int64_t kFlushQuads = 128;  // int16 accumulation bound, see the header comment
 
 FAIR_AVX2 inline __m256i bcast4(const int8_t* p) {
@@ -30,39 +30,55 @@ FAIR_AVX2 inline __m256i bcast4(const int8_t* p) {
   return _mm256_set1_epi32(v);
 }
 
-FAIR_AVX2 void micro_6x16(const int8_t* A, int64_t lda, const uint8_t* B, int64_t kq, int32_t* C,
+// The int32 tile lives in C (memory) and is touched once per 128 quads, so that only the
+// 2 * kMr int16 accumulators, two weight vectors and one broadcast occupy registers in the loop.
+// c += maddubs(w, a) in int16. The add is written as asm with an in/out operand: it keeps each
+// accumulator in one register (gcc 12 otherwise copies every accumulator once per iteration).
+FAIR_AVX2 inline void madd16(__m256i& c, __m256i w, __m256i a) {
+  const __m256i p = _mm256_maddubs_epi16(w, a);
+  __asm__("vpaddw %1, %0, %0" : "+x"(c) : "x"(p));
+}
+
+FAIR_AVX2 void micro_kx16(const int8_t* A, int64_t lda, const uint8_t* B, int64_t kq, int32_t* C,
                           int64_t ldc, bool accumulate) {
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i c32[kMr][2];
-  for (int i = 0; i < kMr; ++i) {
-    for (int h = 0; h < 2; ++h) {
-      c32[i][h] = accumulate ? _mm256_loadu_si256((const __m256i*)(C + i * ldc + 8 * h))
-                             : _mm256_setzero_si256();
+  if (!accumulate) {
+    for (int i = 0; i < kMr; ++i) {
+      _mm256_storeu_si256((__m256i*)(C + i * ldc), _mm256_setzero_si256());
+      _mm256_storeu_si256((__m256i*)(C + i * ldc + 8), _mm256_setzero_si256());
     }
   }
   for (int64_t q0 = 0; q0 < kq; q0 += kFlushQuads) {
-    const int64_t q1 = std::min(kq, q0 + kFlushQuads);
-    __m256i c16[kMr][2];
-    for (int i = 0; i < kMr; ++i) c16[i][0] = c16[i][1] = _mm256_setzero_si256();
+    const int64_t n = std::min(kq - q0, kFlushQuads);
+    // Named accumulators (not an array): gcc otherwise inserts register copies and spills.
+    __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
+            c30 = c00, c31 = c00;
     const uint8_t* b = B + q0 * 64;
     const int8_t* a = A + 4 * q0;
-    for (int64_t q = q0; q < q1; ++q, b += 64, a += 4) {
+    for (int64_t q = 0; q < n; ++q, b += 64, a += 4) {
       const __m256i w0 = _mm256_loadu_si256((const __m256i*)b);
       const __m256i w1 = _mm256_loadu_si256((const __m256i*)(b + 32));
-      for (int i = 0; i < kMr; ++i) {
-        const __m256i av = bcast4(a + i * lda);
-        c16[i][0] = _mm256_add_epi16(c16[i][0], _mm256_maddubs_epi16(w0, av));
-        c16[i][1] = _mm256_add_epi16(c16[i][1], _mm256_maddubs_epi16(w1, av));
-      }
+      __m256i av = bcast4(a);
+      madd16(c00, w0, av);
+      madd16(c01, w1, av);
+      av = bcast4(a + lda);
+      madd16(c10, w0, av);
+      madd16(c11, w1, av);
+      av = bcast4(a + 2 * lda);
+      madd16(c20, w0, av);
+      madd16(c21, w1, av);
+      av = bcast4(a + 3 * lda);
+      madd16(c30, w0, av);
+      madd16(c31, w1, av);
     }
+    const __m256i c16[kMr][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
     for (int i = 0; i < kMr; ++i) {
       for (int h = 0; h < 2; ++h) {
-        c32[i][h] = _mm256_add_epi32(c32[i][h], _mm256_madd_epi16(c16[i][h], ones));
+        __m256i* c = (__m256i*)(C + i * ldc + 8 * h);
+        _mm256_storeu_si256(c, _mm256_add_epi32(_mm256_loadu_si256(c),
+                                                _mm256_madd_epi16(c16[i][h], ones)));
       }
     }
-  }
-  for (int i = 0; i < kMr; ++i) {
-    for (int h = 0; h < 2; ++h) _mm256_storeu_si256((__m256i*)(C + i * ldc + 8 * h), c32[i][h]);
   }
 }
 
@@ -70,7 +86,7 @@ FAIR_AVX2 void gemm_avx2(const int8_t* A, int64_t lda, int64_t mb, const uint8_t
                          int64_t npanels, int64_t kq, int32_t* C, int64_t ldc, bool accumulate) {
   for (int64_t i = 0; i < mb; i += kMr) {
     for (int64_t p = 0; p < npanels; ++p) {
-      micro_6x16(A + i * lda, lda, B + p * kq * 64, kq, C + i * ldc + 16 * p, ldc, accumulate);
+      micro_kx16(A + i * lda, lda, B + p * kq * 64, kq, C + i * ldc + 16 * p, ldc, accumulate);
     }
   }
 }
