@@ -15,6 +15,15 @@ from fair_calib_ext.quant.modules import PendingLinear
 from fair_calib_ext.quant.quantizer import QuantConfig
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes: one intra-op thread is faster and immune to a busy shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_config(family: str, layers: int = 2) -> ModelConfig:
     gqa = family == "dream"
     return ModelConfig(family=family, vocab_size=80, hidden_size=48, intermediate_size=96,

@@ -17,6 +17,16 @@ from fair_calib_ext.quant.quantizer import (
     unpack_int4_ref,
 )
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes: one intra-op thread is faster and immune to a busy shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 needs_kernels = pytest.mark.skipif(not kernels_available(), reason="fair _C kernels not built")
 
 

@@ -49,11 +49,12 @@ def kron_apply(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor |
         return x
     n1 = left.shape[0] if left is not None else n // right.shape[0]  # type: ignore[union-attr]
     n2 = n // n1
-    xv = x.reshape(*x.shape[:-1], n1, n2)
-    if right is not None:
-        xv = xv @ right
-    if left is not None:
-        xv = left.transpose(0, 1) @ xv
+    xv = x.reshape(-1, n1, n2)
+    if right is not None:  # one GEMM over all tokens: [T*n1, n2] @ [n2, n2]
+        xv = (xv.reshape(-1, n2) @ right).reshape(-1, n1, n2)
+    if left is not None:  # leftᵀ X per token, as one GEMM: (Xᵀ left)ᵀ
+        xt = xv.transpose(1, 2).reshape(-1, n1) @ left
+        xv = xt.reshape(-1, n2, n1).transpose(1, 2)
     return xv.reshape(x.shape)
 
 
