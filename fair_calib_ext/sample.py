@@ -37,14 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=None, help="prompt text (repeat for a batch)")
     p.add_argument("--prompt-file", default=None, help="file with one prompt per line")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
-    p.add_argument("--gen-length", type=int, default=32)
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen-length)")
+    p.add_argument("--gen-length", type=int, default=None,
+                   help="tokens to generate (default: the checkpoint's generation_config.json, else 32)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default: generation_config.json, else gen-length)")
     p.add_argument("--block-length", type=int, default=None,
-                   help="LLaDA block length (default: one block; on Dream models: Dream's schedule)")
+                   help="LLaDA block length (default: generation_config.json, else one block; "
+                        "on Dream models without it: Dream's schedule)")
     p.add_argument("--remasking", default=None,
                    help="low_confidence | random | margin | entropy | maskgit_plus | origin "
-                        "(default: low_confidence for LLaDA, entropy for Dream)")
-    p.add_argument("--temperature", type=float, default=0.0)
+                        "(default: generation_config.json, else low_confidence for LLaDA, entropy for Dream)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy (default: generation_config.json, else 0)")
     p.add_argument("--cfg-scale", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=None, help="Dream schedule only")
     p.add_argument("--top-k", type=int, default=None, help="Dream schedule only")
@@ -120,21 +124,9 @@ def _show(tok: Any, x: Any, p: int, mask_id: int, step: int, tty: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .models import CheckpointError, load_pretrained, load_tokenizer, resolve_model_path
+    from .models import CheckpointError, load_generation_config, load_pretrained, load_tokenizer, resolve_model_path
     from .sampling import generate, left_pad
 
-    if args.gen_length <= 0:
-        raise UsageError(f"--gen-length must be positive, got {args.gen_length}")
-    steps = args.steps if args.steps is not None else args.gen_length
-    if steps <= 0:
-        raise UsageError(f"--steps must be positive, got {steps}")
-    if args.block_length is not None:
-        if args.block_length <= 0 or args.gen_length % args.block_length:
-            raise UsageError(f"--gen-length ({args.gen_length}) must be divisible by --block-length "
-                             f"({args.block_length})")
-        if steps % (args.gen_length // args.block_length):
-            raise UsageError(f"--steps ({steps}) must be divisible by the number of blocks "
-                             f"({args.gen_length // args.block_length})")
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = _read_prompts(args)
@@ -142,6 +134,27 @@ def run(args: argparse.Namespace) -> int:
     try:
         weights = args.quantized or model_arg
         resolve_model_path(weights)
+        gcfg = load_generation_config(weights) or (load_generation_config(model_arg) if model_arg else {})
+    except CheckpointError as exc:
+        raise UsageError(str(exc).replace("\n", " ")) from exc
+    gen_length = args.gen_length if args.gen_length is not None else (
+        gcfg.get("gen_length") or gcfg.get("max_new_tokens") or 32)
+    if gen_length <= 0:
+        raise UsageError(f"--gen-length must be positive, got {gen_length}")
+    steps = args.steps if args.steps is not None else (gcfg.get("steps") or gen_length)
+    if steps <= 0:
+        raise UsageError(f"--steps must be positive, got {steps}")
+    # the checkpoint's block length only goes with its own gen_length
+    block_length = args.block_length if args.block_length is not None else (
+        gcfg.get("block_length") if args.gen_length is None else None)
+    if block_length is not None:
+        if block_length <= 0 or gen_length % block_length:
+            raise UsageError(f"--gen-length ({gen_length}) must be divisible by --block-length ({block_length})")
+        if steps % (gen_length // block_length):
+            raise UsageError(f"--steps ({steps}) must be divisible by the number of blocks "
+                             f"({gen_length // block_length})")
+    temperature = args.temperature if args.temperature is not None else float(gcfg.get("temperature") or 0.0)
+    try:
         tok_dirs = [d for d in (args.quantized, model_arg) if d]
         tok = None
         for d in tok_dirs:
@@ -167,8 +180,8 @@ def run(args: argparse.Namespace) -> int:
     encoded = _encode(tok, prompts, chat)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (cfg.pad_token_id or cfg.eos_token_id or 0)
     ids, attn = left_pad(encoded, pad)
-    remasking = args.remasking or ("entropy" if cfg.family == "dream" and args.block_length is None
-                                   else "low_confidence")
+    remasking = args.remasking or gcfg.get("remasking") or gcfg.get("alg") or (
+        "entropy" if cfg.family == "dream" and block_length is None else "low_confidence")
     gen = torch.Generator().manual_seed(args.seed)
     tty = sys.stdout.isatty()
     n_steps = [0]
@@ -179,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
             _show(tok, x, ids.shape[1], cfg.mask_token_id, t, tty)
 
     kwargs: dict[str, Any] = dict(
-        gen_length=args.gen_length, steps=steps, block_length=args.block_length, temperature=args.temperature,
+        gen_length=gen_length, steps=steps, block_length=block_length, temperature=temperature,
         remasking=remasking, cfg_scale=args.cfg_scale, generator=gen, attention_mask=attn,
         stop_at_eos=stop, eot_token_id=eot, callback=on_step,
     )
@@ -198,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
         cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
         answer = tok.decode(row[:cut], skip_special_tokens=True)
         print(f">>> {text}\n{answer}")
-    n_tok = out.shape[0] * args.gen_length
+    n_tok = out.shape[0] * gen_length
     print(f"[{n_tok} tokens, {n_steps[0]} steps in {dt:.3f} s: {n_tok / dt:.1f} tokens/s, "
           f"{n_steps[0] / dt:.2f} steps/s; {cfg.family}, {args.dtype}, {args.device}"
           f"{', W4A4' if args.quantized else ''}]")
