@@ -134,11 +134,22 @@ PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
   }
 }
 
+PyObject* py_selftest_pack(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(fair::cpu::selftest_pack_panels().c_str());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
 PyMethodDef kMethods[] = {
     {"build_info", py_build_info, METH_NOARGS, "Build configuration of the fair op library."},
     {"_get_cpu_isa", py_get_cpu_isa, METH_NOARGS, "Name of the CPU kernel path in use."},
     {"_set_cpu_isa", py_set_cpu_isa, METH_O,
      "Force a CPU kernel path ('auto' = best); returns the previous one."},
+    {"_selftest_pack_panels", py_selftest_pack, METH_NOARGS,
+     "Test hook: vector weight packers vs the scalar one; '' if all agree."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C", "The fair op library (torch.ops.fair).", -1,

@@ -147,6 +147,12 @@ def test_isa_paths_agree_bitwise():
         assert torch.equal(out, first), name
 
 
+def test_vector_weight_packers_match_scalar():
+    """Both panel encodings (u8 offset for AVX2/VNNI, s8 for AMX) of every supported vector
+    packer equal the scalar packer, including channel and K edges."""
+    assert fair_calib_ext._C._selftest_pack_panels() == ""
+
+
 # ---- float outputs ------------------------------------------------------------------------------
 
 # Tolerances vs the float64 reference dequant(a) @ dequant(w).T (+ bias): the accumulator is exact,

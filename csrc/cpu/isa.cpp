@@ -7,6 +7,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <string>
+#include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
@@ -150,6 +152,43 @@ Isa set_active_isa(Isa isa) {
   Isa prev = active_isa();
   g_active.store(int(isa));
   return prev;
+}
+
+std::string selftest_pack_panels() {
+  uint32_t state = 12345;
+  auto next = [&state] {
+    state = state * 1664525u + 1013904223u;
+    return uint8_t(state >> 24);
+  };
+  for (int i = 0; i < kNumIsa; ++i) {
+    const KernelTable& kt = kernels(Isa(i));
+    if (!isa_supported(Isa(i)) || kt.pack_panels == pack_panels_scalar) continue;
+    for (int64_t N : {5, 16, 37, 64, 100}) {
+      for (int64_t K : {2, 30, 62, 64, 130, 1024 + 66, 2048}) {
+        std::vector<uint8_t> W(size_t(N * K / 2));
+        for (auto& b : W) b = next();
+        const int64_t Kp = (K + 63) / 64 * 64;
+        for (int64_t n0 = 0; n0 < N; n0 += 32) {
+          for (int64_t k0 = 0; k0 < Kp; k0 += 1024) {
+            const int64_t kq = std::min<int64_t>(1024, Kp - k0) / 4;
+            const int64_t npanels = ((N - n0 + 15) / 16 + 1) / 2 * 2;
+            for (bool offset : {false, true}) {
+              std::vector<uint8_t> a(size_t(npanels * kq * 64), 0xAA), b(a.size(), 0x55);
+              pack_panels_scalar(W.data(), N, K, n0, npanels, k0, kq, offset, a.data());
+              kt.pack_panels(W.data(), N, K, n0, npanels, k0, kq, offset, b.data());
+              if (a != b) {
+                return std::string(kt.name) + ": pack_panels differs from scalar at N=" +
+                       std::to_string(N) + " K=" + std::to_string(K) + " n0=" +
+                       std::to_string(n0) + " k0=" + std::to_string(k0) +
+                       " offset=" + std::to_string(offset);
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  return "";
 }
 
 float row_scale(float absmax, float clip) {

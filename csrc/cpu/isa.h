@@ -19,6 +19,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace fair::cpu {
 
@@ -36,6 +37,11 @@ struct KernelTable {
   // == 0, kq % 16 == 0; A row stride lda bytes, C row stride ldc int32.
   void (*gemm)(const int8_t* A, int64_t lda, int64_t mb, const uint8_t* B, int64_t npanels,
                int64_t kq, int32_t* C, int64_t ldc, bool accumulate);
+  // Reorders channels [n0, n0 + 16 npanels) x k [k0, k0 + 4 kq) of the public packed weights
+  // W [N][K/2] into panels (layout above; u8 w + 8 if offset, else s8). Channels >= N and
+  // k >= K become weight 0. kq % 16 == 0.
+  void (*pack_panels)(const uint8_t* W, int64_t N, int64_t K, int64_t n0, int64_t npanels,
+                      int64_t k0, int64_t kq, bool offset, uint8_t* out);
   // Quantizes one fp32 row of length K (see kernels.md): writes q[0:K] (int8 in [-8, 7]),
   // *scale and *rowsum = sum(q). Returns false (writing nothing) if the row has inf/NaN.
   bool (*quantize_row)(const float* x, int64_t K, float clip, int8_t* q, float* scale,
@@ -63,11 +69,21 @@ Isa active_isa();
 // Forces a path (throws c10::Error if unsupported). Returns the previous one.
 Isa set_active_isa(Isa isa);
 
+// Test hook: compares every supported path's pack_panels with the scalar one on random
+// weights, both encodings; returns "" or a description of the first mismatch.
+std::string selftest_pack_panels();
+
 // Shared scalar helper: the reference quantizer of one row, used by the scalar path and for the
 // tails of the vector paths.
 float row_scale(float absmax, float clip);
 
+void pack_panels_scalar(const uint8_t* W, int64_t N, int64_t K, int64_t n0, int64_t npanels,
+                        int64_t k0, int64_t kq, bool offset, uint8_t* out);
+
 #if defined(FAIR_HAVE_AVX2)
+// The AVX2 weight packer (both encodings), shared with the AVX-512 and AMX tables.
+void pack_panels_avx2(const uint8_t* W, int64_t N, int64_t K, int64_t n0, int64_t npanels,
+                      int64_t k0, int64_t kq, bool offset, uint8_t* out);
 // The AVX2 row quantizer, shared by the AVX-512 and AMX tables (every such CPU has AVX2).
 bool quantize_row_avx2(const float* x, int64_t K, float clip, int8_t* q, float* scale,
                        int32_t* rowsum);

@@ -74,14 +74,14 @@ FAIR_AMX void gemm_amx(const int8_t* A, int64_t lda, int64_t mb, const uint8_t* 
 
 const KernelTable kAmxKernels = {
     "amx", true, /*mr=*/32, /*panel_multiple=*/2, /*weight_offset=*/false, gemm_amx,
-    quantize_row_avx2};
+    pack_panels_avx2, quantize_row_avx2};
 
 }  // namespace fair::cpu
 
 #else
 
 namespace fair::cpu {
-const KernelTable kAmxKernels = {"amx", false, 1, 1, false, nullptr, nullptr};
+const KernelTable kAmxKernels = {"amx", false, 1, 1, false, nullptr, nullptr, nullptr};
 }
 
 #endif

@@ -64,14 +64,14 @@ FAIR_VNNI void gemm_avx512_vnni(const int8_t* A, int64_t lda, int64_t mb, const 
 
 const KernelTable kAvx512VnniKernels = {
     "avx512_vnni", true, kMr, /*panel_multiple=*/2, /*weight_offset=*/true, gemm_avx512_vnni,
-    quantize_row_avx2};
+    pack_panels_avx2, quantize_row_avx2};
 
 }  // namespace fair::cpu
 
 #else
 
 namespace fair::cpu {
-const KernelTable kAvx512VnniKernels = {"avx512_vnni", false, 1, 1, true, nullptr, nullptr};
+const KernelTable kAvx512VnniKernels = {"avx512_vnni", false, 1, 1, true, nullptr, nullptr, nullptr};
 }
 
 #endif

@@ -52,8 +52,33 @@ bool quantize_row_scalar(const float* x, int64_t K, float clip, int8_t* q, float
 
 }  // namespace
 
+// One nibble in the panel encoding: u = n ^ 8 = w + 8 (offset) or the sign-extended w.
+static inline uint8_t encode_nibble(unsigned n, bool offset) {
+  const unsigned u = (n & 0xF) ^ 8;
+  return uint8_t(offset ? u : u - 8);
+}
+
+void pack_panels_scalar(const uint8_t* W, int64_t N, int64_t K, int64_t n0, int64_t npanels,
+                        int64_t k0, int64_t kq, bool offset, uint8_t* out) {
+  const int64_t ldw = K / 2;
+  for (int64_t p = 0; p < npanels; ++p) {
+    for (int j = 0; j < 16; ++j) {
+      const int64_t n = n0 + 16 * p + j;
+      uint8_t* o = out + p * kq * 64 + 4 * j;
+      for (int64_t q = 0; q < kq; ++q) {
+        for (int t = 0; t < 4; t += 2) {
+          const int64_t k = k0 + 4 * q + t;  // even: one packed byte holds k and k + 1
+          const uint8_t byte = (n < N && k < K) ? W[n * ldw + k / 2] : 0;
+          o[q * 64 + t] = encode_nibble(byte, offset);
+          o[q * 64 + t + 1] = encode_nibble(byte >> 4, offset);
+        }
+      }
+    }
+  }
+}
+
 const KernelTable kScalarKernels = {
     "scalar", true, /*mr=*/1, /*panel_multiple=*/1, /*weight_offset=*/false,
-    gemm_scalar, quantize_row_scalar};
+    gemm_scalar, pack_panels_scalar, quantize_row_scalar};
 
 }  // namespace fair::cpu

@@ -13,7 +13,6 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
-#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -30,53 +29,6 @@ namespace {
 constexpr int64_t kNc = 64;    // channels per task (a multiple of 32: 4 panels)
 constexpr int64_t kKc = 1024;  // k per block (a multiple of 64)
 constexpr int64_t kMcMax = 1024;
-
-// byte -> two weight bytes in the panel encoding (low nibble first)
-struct NibbleLut {
-  std::array<uint16_t, 256> offset{}, sign{};
-  NibbleLut() {
-    for (int b = 0; b < 256; ++b) {
-      offset[b] = uint16_t(((b & 0xF) ^ 8) | (((b >> 4) ^ 8) << 8));
-      sign[b] = uint16_t(uint8_t(lo_nibble(uint8_t(b))) | (uint8_t(hi_nibble(uint8_t(b))) << 8));
-    }
-  }
-};
-const NibbleLut& nibble_lut() {
-  static const NibbleLut lut;
-  return lut;
-}
-
-// Reorders channels [n0, n0 + 16 * npanels) x k [k0, k0 + 4 * kq) of the packed weights W [N][K/2]
-// into panels (isa.h). Channels >= N and k >= K become weight 0.
-void pack_panels(const uint8_t* W, int64_t N, int64_t K, int64_t n0, int64_t npanels, int64_t k0,
-                 int64_t kq, bool offset, uint8_t* out) {
-  const uint16_t* lut = offset ? nibble_lut().offset.data() : nibble_lut().sign.data();
-  const int64_t ldw = K / 2;
-  const int64_t q_full = std::clamp<int64_t>((K - k0) / 4, 0, kq);
-  for (int64_t p = 0; p < npanels; ++p) {
-    for (int j = 0; j < 16; ++j) {
-      const int64_t n = n0 + 16 * p + j;
-      uint8_t* o = out + p * kq * 64 + 4 * j;
-      if (n >= N) {
-        const uint32_t v = uint32_t(lut[0]) | (uint32_t(lut[0]) << 16);
-        for (int64_t q = 0; q < kq; ++q) std::memcpy(o + q * 64, &v, 4);
-        continue;
-      }
-      const uint8_t* row = W + n * ldw + k0 / 2;
-      int64_t q = 0;
-      for (; q < q_full; ++q) {
-        const uint32_t v = uint32_t(lut[row[2 * q]]) | (uint32_t(lut[row[2 * q + 1]]) << 16);
-        std::memcpy(o + q * 64, &v, 4);
-      }
-      for (; q < kq; ++q) {  // K tail: bytes past the row end are weight 0
-        const int64_t k = k0 + 4 * q;
-        const uint8_t b0 = k < K ? row[2 * q] : 0, b1 = k + 2 < K ? row[2 * q + 1] : 0;
-        const uint32_t v = uint32_t(lut[b0]) | (uint32_t(lut[b1]) << 16);
-        std::memcpy(o + q * 64, &v, 4);
-      }
-    }
-  }
-}
 
 struct ActBuffer {
   std::unique_ptr<int8_t[], FreeDeleter> q;  // [Mp][Kp]
@@ -133,7 +85,7 @@ void run_gemm(const KernelTable& kt, const ActBuffer& act, const uint8_t* W, int
       if (Kp == 0) std::memset(C, 0, size_t(rows_p * ldc) * sizeof(int32_t));
       for (int64_t k0 = 0; k0 < Kp; k0 += kKc) {
         const int64_t kq = std::min(kKc, Kp - k0) / 4;
-        pack_panels(W, N, K, n0, npanels, k0, kq, kt.weight_offset, bbuf.get());
+        kt.pack_panels(W, N, K, n0, npanels, k0, kq, kt.weight_offset, bbuf.get());
         kt.gemm(act.q.get() + m0 * Kp + k0, Kp, rows_p, bbuf.get(), npanels, kq, C, ldc, k0 > 0);
       }
       if (kt.weight_offset) {  // remove the + 8 * rowsum(A) of the u = w + 8 encoding

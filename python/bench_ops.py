@@ -1,0 +1,188 @@
+"""Benchmark of the W4A4 ops against torch baselines, all in the same run (one table).
+
+For M in {256, 2048} and the LLaDA-8B shapes (K, N) in {(4096, 4096), (4096, 12288),
+(12288, 4096)} it times ``fair::w4a4_linear`` (activation quantization included) and
+``fair::w4a4_gemm`` (pre-quantized activations) against ``F.linear`` in fp32 and bf16 and
+``torch._int_mm`` (int8), and prints GOP/s (2*M*N*K / time), ratios and weight bytes.
+
+    python python/bench_ops.py                       # CPU, all cores, Markdown table
+    python python/bench_ops.py --isa avx2 --m 256    # force a CPU kernel path, one M
+    python python/bench_ops.py --device cuda         # same table on the GPU
+
+A slow baseline (e.g. ``torch._int_mm`` on a CPU without VNNI/AMX, a naive reference loop) is
+measured on a reduced M when one full call would take more than ``--max-call-s``; the table then
+marks its number with ``~`` and says at which M it was measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import fair_calib_ext
+from fair_calib_ext import ops
+
+SHAPES = [(4096, 4096), (4096, 12288), (12288, 4096)]  # (K, N), LLaDA-8B projections
+MS = [256, 2048]
+
+
+@dataclass
+class Timing:
+    seconds: float  # median time of one call at the measured M, scaled to the table's M
+    spread: float  # (max - min) / median over the runs
+    runs: int
+    measured_m: int  # M actually run (< table M only for slow baselines)
+
+    def gops(self, m: int, n: int, k: int) -> float:
+        return 2.0 * m * n * k / self.seconds / 1e9
+
+
+def _sync(device: str) -> Callable[[], None]:
+    if device == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def time_call(fn: Callable[[], object], sync: Callable[[], None], budget_s: float, max_runs: int) -> tuple[list[float], float]:
+    """Runs fn once as warm-up, then repeats until max_runs or budget_s; returns the times."""
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    first = time.perf_counter() - t0
+    times: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < max_runs and (len(times) < 1 or time.perf_counter() < deadline):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times, first
+
+
+# ---- providers -------------------------------------------------------------------------------------
+# Each provider maps (M, K, N) to a zero-argument callable running one matmul of that shape.
+# The CUDA build adds its own tensors and kernels here; the structure is device-neutral.
+
+
+def make_providers(device: str, m: int, k: int, n: int, x_dtype: torch.dtype) -> dict[str, Callable[[], object]]:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x32 = torch.randn(m, k, generator=gen).to(device)
+    w32 = torch.randn(n, k, generator=gen).to(device) / k**0.5
+    x_lin = x32.to(x_dtype)
+    xb, wb = x32.bfloat16(), w32.bfloat16()
+    xi8 = torch.randint(-8, 8, (m, k), dtype=torch.int8, generator=gen).to(device)
+    wi8_t = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=gen).to(device).t()  # [K, N] column-major
+    w_packed, w_scale = ops.quantize_int4(w32)
+    a_packed, a_scale = ops.quantize_int4(x32)
+    return {
+        "F.linear fp32": lambda: F.linear(x32, w32),
+        "F.linear bf16": lambda: F.linear(xb, wb),
+        "torch._int_mm": lambda: torch._int_mm(xi8, wi8_t),
+        "w4a4_gemm": lambda: ops.w4a4_gemm(a_packed, a_scale, w_packed, w_scale, None, x_dtype),
+        "w4a4_linear": lambda: ops.w4a4_linear(x_lin, w_packed, w_scale, None),
+    }
+
+
+def measure(
+    device: str, name: str, m: int, k: int, n: int, x_dtype: torch.dtype, args: argparse.Namespace
+) -> Timing:
+    sync = _sync(device)
+    fn = make_providers(device, m, k, n, x_dtype)[name]
+    # probe with a small M first: a baseline that would take minutes per call is measured there
+    probe_m = min(m, 64)
+    if probe_m < m:
+        probe = make_providers(device, probe_m, k, n, x_dtype)[name]
+        times, first = time_call(probe, sync, budget_s=0.0, max_runs=1)
+        est = min(times) * m / probe_m
+        if est > args.max_call_s:
+            times, _ = time_call(probe, sync, budget_s=args.budget_s, max_runs=args.runs)
+            med = statistics.median(times)
+            return Timing(med * m / probe_m, (max(times) - min(times)) / med, len(times), probe_m)
+    times, first = time_call(fn, sync, budget_s=args.budget_s, max_runs=args.runs)
+    med = statistics.median(times)
+    return Timing(med, (max(times) - min(times)) / med, len(times), m)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--m", type=int, nargs="+", default=MS, help="token counts M")
+    p.add_argument("--shapes", default=None, help="K,N pairs like 4096x4096,4096x12288")
+    p.add_argument("--isa", default="auto", help="CPU kernel path: auto|scalar|avx2|avx512_vnni|amx")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--x-dtype", choices=["bf16", "fp32", "fp16"], default="bf16", help="w4a4 input/output dtype")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per entry (after one warm-up)")
+    p.add_argument("--budget-s", type=float, default=8.0, help="stop repeating an entry after this")
+    p.add_argument("--max-call-s", type=float, default=60.0, help="longer calls are measured at M=64")
+    p.add_argument("--providers", default=None, help="comma separated subset of providers")
+    args = p.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cpu":
+        ops.set_cpu_isa(args.isa)
+    x_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.x_dtype]
+    shapes = SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    names = ["F.linear fp32", "F.linear bf16", "torch._int_mm", "w4a4_gemm", "w4a4_linear"]
+    if args.providers:
+        names = [n for n in names if n in args.providers.split(",")]
+
+    info = fair_calib_ext.build_info()
+    if args.device == "cuda":
+        dev_desc = torch.cuda.get_device_name()
+    else:
+        dev_desc = f"{cpu_name()}, {torch.get_num_threads()} threads, fair CPU path {ops.get_cpu_isa()}"
+    print(f"device: {dev_desc}; torch {torch.__version__}; w4a4 in/out dtype {x_dtype}")
+
+    header = ["M", "K", "N"] + [f"{n} ms (GOP/s)" for n in names]
+    ratio_cols = []
+    if "w4a4_linear" in names:
+        ratio_cols = [f"linear vs {b}" for b in ("fp32", "bf16", "_int_mm") if f"F.linear {b}" in names or (b == "_int_mm" and "torch._int_mm" in names)]
+    header += ratio_cols + ["W int4 / bf16 MB"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for m in args.m:
+        for k, n in shapes:
+            res = {name: measure(args.device, name, m, k, n, x_dtype, args) for name in names}
+            cells = [str(m), str(k), str(n)]
+            for name in names:
+                t = res[name]
+                mark = "~" if t.measured_m != m else ""
+                cells.append(f"{mark}{t.seconds * 1e3:.1f} ({mark}{t.gops(m, n, k):.0f})")
+            lin = res.get("w4a4_linear")
+            for col in ratio_cols:
+                base = {"linear vs fp32": "F.linear fp32", "linear vs bf16": "F.linear bf16", "linear vs _int_mm": "torch._int_mm"}[col]
+                cells.append(f"{res[base].seconds / lin.seconds:.2f}x")
+            int4_bytes = n * k // 2 + 4 * n  # packed weights + fp32 scales
+            cells.append(f"{int4_bytes / 2**20:.1f} / {2 * n * k / 2**20:.1f} ({2 * n * k / int4_bytes:.2f}x smaller)")
+            print("| " + " | ".join(cells) + " |", flush=True)
+            notes = [f"{nm} measured at M={t.measured_m}" for nm, t in res.items() if t.measured_m != m]
+            noisy = [f"{nm} spread {t.spread:.0%}" for nm, t in res.items() if t.spread > 0.25 and t.runs > 1]
+            if notes or noisy:
+                print("  note: " + "; ".join(notes + noisy), flush=True)
+    print(f"build: {info}")
+
+
+if __name__ == "__main__":
+    main()
