@@ -12,6 +12,13 @@ Reliability c: top-1 probability ("prob", default), 1 − H/log V ("neg_entropy"
 exp = exp(−3 (t − 1)/T) (our choice of rate). The probe policy is the sampler with
 ``remasking="random"`` and block length 32 (1 commit per step, argmax tokens).
 
+A property of these defaults worth knowing: with one commit per step (T = K), λ0 early and a
+constant c̃, every position gets exactly the same "both" weight, whatever the commit order — a
+position committed at step t_c collects F = (T − t_c + 1)/T and R = t_c, and after the per-term
+mean normalisation F/mean F + R/mean R = 2 (T − t_c + 1)/(T + 1) + 2 t_c/(T + 1) = 2. The shape
+of the default prior therefore comes only from how c̃ varies across positions; the frontier-only
+and masked-only ablations keep the commit-time structure.
+
 Mapping onto a calibration sequence of length N: position n ≥ N − K gets w[n − (N − K)], the
 earlier positions get the floor (``uniform``: ones everywhere).
 """
