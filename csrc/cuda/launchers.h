@@ -32,7 +32,8 @@ cudaError_t launch_unpack_int4(const uint8_t* p, int8_t* out, int64_t n_bytes, c
 // ---- per-row symmetric int4 quantization ---------------------------------------------------
 // x: [rows, k] contiguous, dtype in {kFloat32, kFloat16, kBFloat16, kFloat64 (rounded to fp32
 // first, like the CPU op)}, k even.
-// scale[r] = clip * absmax_r / 7 (IEEE fp32 division), 1 for an all-zero row;
+// scale[r] = clip * absmax_r / 7 (IEEE fp32 division), 1 where that is 0 (all-zero or
+// underflowing row);
 // q = clamp(round_half_even(float(x) / scale[r]), -8, 7), packed into packed[r, k/2].
 // A row holding inf or NaN gets scale NaN and all-zero codes (the CUDA kernel cannot raise
 // without a device sync, so non-finite input poisons the row's output instead of hiding).

@@ -101,9 +101,13 @@ __global__ void quantize_int4_kernel(const T* __restrict__ x, int64_t k, float c
   block_reduce(amax, bad);
 
   float s;
-  if (bad) s = __int_as_float(0x7fc00000);  // NaN: the row is poisoned, codes are 0
-  else if (amax == 0.0f) s = 1.0f;
-  else s = __fdiv_rn(__fmul_rn(clip, amax), 7.0f);
+  if (bad) {
+    s = __int_as_float(0x7fc00000);  // NaN: the row is poisoned, codes are 0
+  } else {
+    s = __fdiv_rn(__fmul_rn(clip, amax), 7.0f);
+    // All-zero rows, and rows so tiny that the scale underflows to 0, get scale 1 (codes 0).
+    if (s == 0.0f) s = 1.0f;
+  }
   if (threadIdx.x == 0) scale[row] = s;
 
   if (kVec) {
