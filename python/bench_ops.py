@@ -135,6 +135,9 @@ def main() -> None:
     p.add_argument("--max-call-s", type=float, default=60.0, help="longer calls are measured at M=64")
     p.add_argument("--providers", default=None, help="comma separated subset of providers")
     args = p.parse_args()
+    if args.device == "cuda":
+        run_cuda(args)  # its own table: fp16/bf16 F.linear, _int_mm, M up to 8192, quantize GB/s
+        return
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -182,6 +185,128 @@ def main() -> None:
             if notes or noisy:
                 print("  note: " + "; ".join(notes + noisy), flush=True)
     print(f"build: {info}")
+
+
+# ---- CUDA (csrc/cuda/) ---------------------------------------------------------------------------
+
+CUDA_MS = [16, 256, 2048, 8192]
+
+
+def cuda_time_ms(fn: Callable[[], object], reps: int = 5, target_ms: float = 20.0) -> tuple[float, float]:
+    """Median and (max-min)/median of per-call times in ms, with CUDA events over a loop of calls
+    sized to ~target_ms (so launch overhead of tiny calls is amortised, not hidden by a sync)."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    iters = max(1, min(1000, int(target_ms / max(start.elapsed_time(end), 1e-3))))
+    times = []
+    for _ in range(reps):
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / iters)
+    med = statistics.median(times)
+    return med, (max(times) - min(times)) / med
+
+
+def cuda_peak_gbs(device: int = 0) -> float | None:
+    """Theoretical DRAM bandwidth from the device properties (None if torch does not expose them)."""
+    props = torch.cuda.get_device_properties(device)
+    clock_khz = getattr(props, "memory_clock_rate", None)
+    bus_bits = getattr(props, "memory_bus_width", None)
+    if not clock_khz or not bus_bits:
+        return None
+    return 2.0 * clock_khz * 1e3 * bus_bits / 8 / 1e9  # double data rate
+
+
+def run_cuda(args: argparse.Namespace) -> None:
+    """GPU table: w4a4_linear (quantize included) and w4a4_gemm vs F.linear fp16/bf16 and
+    torch._int_mm, same run, same shapes; then quantize_int4 as % of DRAM bandwidth and vs clone().
+
+    Weights of one shape are reused across calls, so at small M a weight matrix that fits in L2
+    (H100: 50 MB) is read from L2 for every provider alike; the ratios stay like-for-like.
+    """
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_ops --device cuda: no CUDA device (torch.cuda.is_available() is False)")
+    if not fair_calib_ext.build_info()["cuda"]:
+        raise SystemExit("bench_ops --device cuda: fair_calib_ext._C was built without CUDA kernels")
+    import os
+
+    dev = torch.device("cuda")
+    ms = args.m if args.m != MS else CUDA_MS
+    shapes = SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    path = os.environ.get("FAIR_CUDA_GEMM_PATH") or ("int8 (forced)" if os.environ.get("FAIR_CUDA_FORCE_INT8") else "auto")
+    cap = torch.cuda.get_device_capability()
+    print(f"device: {torch.cuda.get_device_name()} (sm_{cap[0]}{cap[1]}); torch {torch.__version__}; "
+          f"fair GEMM path {path}")
+    names = ["F.linear fp16", "F.linear bf16", "torch._int_mm", "w4a4_gemm", "w4a4_linear"]
+    header = ["M", "K", "N"] + [f"{n} ms (TOP/s)" for n in names]
+    header += ["linear vs fp16", "linear vs bf16", "linear vs _int_mm", "gemm vs fp16"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for k, n in shapes:
+        w32 = (torch.randn(n, k, generator=gen) / k**0.5).to(dev)
+        wh, wb = w32.half(), w32.bfloat16()
+        wi8_t = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=gen).to(dev).t()
+        w_packed, w_scale = ops.quantize_int4(w32)
+        for m in ms:
+            x32 = torch.randn(m, k, generator=gen).to(dev)
+            xh, xb = x32.half(), x32.bfloat16()
+            xi8 = torch.randint(-8, 8, (m, k), dtype=torch.int8, generator=gen).to(dev)
+            a_packed, a_scale = ops.quantize_int4(xh)
+            providers = {
+                "F.linear fp16": lambda: F.linear(xh, wh),
+                "F.linear bf16": lambda: F.linear(xb, wb),
+                "torch._int_mm": lambda: torch._int_mm(xi8, wi8_t),
+                "w4a4_gemm": lambda: ops.w4a4_gemm(a_packed, a_scale, w_packed, w_scale, None, torch.float16),
+                "w4a4_linear": lambda: ops.w4a4_linear(xh, w_packed, w_scale, None),
+            }
+            res: dict[str, float | None] = {}
+            notes = []
+            for name, fn in providers.items():
+                try:
+                    t, spread = cuda_time_ms(fn)
+                except RuntimeError as exc:  # e.g. torch._int_mm needs M > 16 on CUDA
+                    res[name] = None
+                    notes.append(f"{name}: {str(exc).splitlines()[0][:80]}")
+                    continue
+                res[name] = t
+                if spread > 0.25:
+                    notes.append(f"{name} spread {spread:.0%}")
+            cells = [str(m), str(k), str(n)]
+            for name in names:
+                t = res[name]
+                cells.append("n/a" if t is None else f"{t:.3f} ({2 * m * n * k / t / 1e9:.0f})")
+            lin, gemm = res["w4a4_linear"], res["w4a4_gemm"]
+            for base, mine in (("F.linear fp16", lin), ("F.linear bf16", lin), ("torch._int_mm", lin), ("F.linear fp16", gemm)):
+                cells.append("n/a" if res[base] is None or mine is None else f"{res[base] / mine:.2f}x")
+            print("| " + " | ".join(cells) + " |", flush=True)
+            if notes:
+                print("  note: " + "; ".join(notes), flush=True)
+
+    peak = cuda_peak_gbs()
+    print()
+    print(f"quantize_int4 (fp16 in; bytes = 2MK read + MK/2 + 4M written); peak DRAM "
+          f"{'%.0f GB/s' % peak if peak else 'unknown'}")
+    print("| M | K | quantize ms | GB/s | % of peak | clone() ms | quantize / clone |")
+    print("|---|---|---|---|---|---|---|")
+    for m, k in ((8192, 4096), (8192, 12288), (2048, 4096)):
+        x = torch.randn(m, k, generator=gen).to(dev).half()
+        tq, _ = cuda_time_ms(lambda: ops.quantize_int4(x))
+        tc, _ = cuda_time_ms(lambda: x.clone())
+        gbs = (2 * m * k + m * k / 2 + 4 * m) / tq / 1e6
+        pct = f"{100 * gbs / peak:.0f}%" if peak else "n/a"
+        print(f"| {m} | {k} | {tq:.3f} | {gbs:.0f} | {pct} | {tc:.3f} | {tq / tc:.2f}x |", flush=True)
+    print(f"build: {fair_calib_ext.build_info()}")
 
 
 if __name__ == "__main__":
