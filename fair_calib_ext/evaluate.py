@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's)")
     return p
 
 
@@ -59,6 +60,8 @@ class UsageError(ValueError):
 
 
 def _check_args(a: argparse.Namespace) -> None:
+    if a.threads is not None and a.threads < 1:
+        raise UsageError("--threads must be >= 1")
     for name in ("n", "n_metrics", "mc_num", "batch_size"):
         if getattr(a, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
@@ -100,6 +103,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     from fair_calib_ext.models import load_generation_config, load_pretrained, load_tokenizer
 
     suite, want_ppl, want_metrics = expand_tasks(a.tasks)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     ctx = init_distributed(a.device)
     try:
         dtype = getattr(torch, DTYPES[a.dtype])
