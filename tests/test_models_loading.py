@@ -268,3 +268,35 @@ def test_registration_after_plain_package_import(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "DiffusionLM llada"
+
+
+def test_loading_keeps_one_copy_in_memory(tmp_path):
+    """Peak RSS while loading stays near the model's size, even when converting fp32 -> bf16."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc to reset the RSS high-water mark")
+    code = f"""
+import torch
+from fair_calib_ext.models import load_pretrained, save_pretrained
+from fair_calib_ext.models.testing import tiny_checkpoint, tiny_model
+big = tiny_model("llada", hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=4,
+                 head_dim=128, vocab_size=2048, mask_token_id=2047, init_std=0.02)
+save_pretrained(big, {str(tmp_path / 'big')!r}, max_shard_bytes=8_000_000)
+size = sum(p.numel() * 2 for p in big.parameters())  # bytes once loaded in bf16
+del big
+load_pretrained(tiny_checkpoint({str(tmp_path / 'warm')!r}, "llada"))  # pay one-time costs first
+def status(key):
+    return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024
+open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
+before = status("VmRSS")
+m = load_pretrained({str(tmp_path / 'big')!r}, dtype=torch.bfloat16)
+print((status("VmHWM") - before) / size)
+"""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
+    assert res.returncode == 0, res.stderr
+    ratio = float(res.stdout.strip().splitlines()[-1])
+    assert 0.8 < ratio < 1.25, f"peak memory while loading = {ratio:.2f}x the model"

@@ -150,22 +150,44 @@ def _read_header(fname: Path) -> tuple[dict[str, Any], int]:
     return header, 8 + n
 
 
-def _read_tensor(fh: Any, entry: dict[str, Any], data_start: int, fname: Path, name: str) -> torch.Tensor:
-    """One tensor read straight into fresh memory (no mmap, so no second resident copy)."""
-    dt = _ST_DTYPES.get(entry["dtype"])
-    if dt is None:
+_STAGE_BYTES = 64 << 20  # conversion staging buffer: caps the extra memory of a dtype change
+
+
+def _read_tensor(fh: Any, entry: dict[str, Any], data_start: int, fname: Path, name: str,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """One tensor read straight into fresh CPU memory of ``dtype`` (no mmap).
+
+    Same dtype: the bytes land directly in the result. Otherwise they are converted in chunks
+    through a small staging buffer, so a dtype change never holds two full copies of a tensor.
+    """
+    stored = _ST_DTYPES.get(entry["dtype"])
+    if stored is None:
         raise CheckpointError(f"{fname}: tensor {name} has unsupported dtype {entry['dtype']}")
     begin, end = entry["data_offsets"]
-    t = torch.empty(entry["shape"], dtype=dt)
-    nbytes = t.numel() * t.element_size()
-    if end - begin != nbytes:
+    shape = entry["shape"]
+    numel = 1
+    for d in shape:
+        numel *= d
+    esize = torch.empty((), dtype=stored).element_size()
+    if end - begin != numel * esize:
         raise CheckpointError(f"{fname}: tensor {name} byte size {end - begin} does not match its shape")
-    if nbytes:
-        fh.seek(data_start + begin)
-        got = fh.readinto(t.view(-1).view(torch.uint8).numpy())
-        if got != nbytes:
+    out = torch.empty(shape, dtype=dtype if stored.is_floating_point else stored)
+    if numel == 0:
+        return out
+    fh.seek(data_start + begin)
+    flat = out.view(-1)
+    if out.dtype == stored:
+        if fh.readinto(flat.view(torch.uint8).numpy()) != numel * esize:
             raise CheckpointError(f"{fname}: truncated while reading {name}")
-    return t
+        return out
+    chunk = max(1, min(numel, _STAGE_BYTES // esize))
+    stage = torch.empty(chunk, dtype=stored)
+    for lo in range(0, numel, chunk):
+        n = min(chunk, numel - lo)
+        if fh.readinto(stage[:n].view(torch.uint8).numpy()) != n * esize:
+            raise CheckpointError(f"{fname}: truncated while reading {name}")
+        flat[lo:lo + n].copy_(stage[:n])
+    return out
 
 
 def _shard_files(path: Path) -> dict[str, list[str]]:
@@ -266,8 +288,9 @@ def load_pretrained(
             if fh is None:
                 fh = handles[fpath] = open(fpath, "rb")
             header, start = headers[fpath]
-            t = _read_tensor(fh, header[oname], start, fpath, oname)
-            t = t.to(device=device, dtype=dtype)  # per tensor: at most one extra tensor alive
+            t = _read_tensor(fh, header[oname], start, fpath, oname, dtype)
+            if t.device != device:
+                t = t.to(device)  # one tensor at a time through host memory
             mod_name, _, pname = nname.rpartition(".")
             setattr(modules[mod_name], pname, nn.Parameter(t, requires_grad=False))
     finally:
