@@ -117,3 +117,12 @@ def test_module_entry_point_exit_status(ckpt):
                          timeout=120)
     assert res.returncode == 2 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1
     assert res.stdout == ""
+
+
+@pytest.mark.skipif("tiny-llada" not in __import__("fair_calib_ext.models", fromlist=["x"]).available_embedded(),
+                    reason="embedded tiny-llada not built")
+def test_default_embedded_model(capsys):
+    """Without --model the embedded tiny-llada runs with its generation_config.json defaults."""
+    assert sample.main(["--prompt", "Q: sort 7 3 9 1 4 A:"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(">>> Q: sort 7 3 9 1 4 A:\n") and "llada, float32, cpu" in out
