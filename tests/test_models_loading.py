@@ -300,3 +300,21 @@ print((status("VmHWM") - before) / size)
     assert res.returncode == 0, res.stderr
     ratio = float(res.stdout.strip().splitlines()[-1])
     assert 0.8 < ratio < 1.25, f"peak memory while loading = {ratio:.2f}x the model"
+
+
+def test_tokenizer_with_remote_code_class_falls_back(tmp_path):
+    """Dream names a remote-code DreamTokenizer; we load the same BPE through Qwen2Tokenizer."""
+    from fair_calib_ext.models import load_tokenizer
+
+    vocab = {"<|endoftext|>": 0, "a": 1, "b": 2, "ab": 3, "\u0120": 4, "\u0120a": 5, "<|mask|>": 6}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na b\n\u0120 a\n")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "auto_map": {"AutoTokenizer": ["tokenization_dream.DreamTokenizer", None]},
+        "tokenizer_class": "DreamTokenizer", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+    }))
+    (tmp_path / "tokenization_dream.py").write_text("raise SystemExit('remote code must never run')\n")
+    tok = load_tokenizer(tmp_path)
+    assert tok("ab a")["input_ids"] == [3, 5]
+    assert tok.eos_token_id == 0 and tok.chat_template

@@ -88,6 +88,8 @@ class NativeAutoModel:
         elif isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         device = kwargs.get("device_map") or "cpu"
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         if not isinstance(device, (str, torch.device)):
             raise ValueError("device_map must be a single device for native LLaDA/Dream models")
         return load_pretrained(pretrained_model_name_or_path, dtype=dtype, device=device)

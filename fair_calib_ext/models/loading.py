@@ -387,8 +387,27 @@ def load_generation_config(path_or_name: str | os.PathLike[str]) -> dict[str, An
 
 
 def load_tokenizer(path_or_name: str | os.PathLike[str]):
-    """The checkpoint's tokenizer via transformers.AutoTokenizer, local files only, no remote code."""
+    """The checkpoint's tokenizer from local files only, never running code from the directory.
+
+    AutoTokenizer first. Checkpoints whose tokenizer_config.json names a remote-code class
+    (Dream's ``DreamTokenizer``, a copy of Qwen2's byte-level BPE) fall back to transformers'
+    own ``Qwen2Tokenizer`` when vocab.json + merges.txt are present, else to
+    ``PreTrainedTokenizerFast`` over tokenizer.json. Special tokens and the chat template come
+    from tokenizer_config.json either way.
+    """
     from transformers import AutoTokenizer
 
     path = resolve_model_path(path_or_name)
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except (ValueError, OSError) as exc:
+        first_error = exc
+    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        from transformers import Qwen2Tokenizer
+
+        return Qwen2Tokenizer.from_pretrained(str(path), local_files_only=True)
+    if (path / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    raise CheckpointError(f"{path}: cannot load the tokenizer without remote code ({first_error})")
