@@ -126,3 +126,17 @@ def test_default_embedded_model(capsys):
     assert sample.main(["--prompt", "Q: sort 7 3 9 1 4 A:"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(">>> Q: sort 7 3 9 1 4 A:\n") and "llada, float32, cpu" in out
+
+
+def test_quantized_dir(ckpt, tmp_path, capsys):
+    """--quantized DIR: a save_quantized directory loads through load_pretrained and samples."""
+    calib = pytest.importorskip("fair_calib_ext.calib")
+    if getattr(__import__("fair_calib_ext"), "_C", None) is None:
+        pytest.skip("W4A4 kernels not built")
+    from fair_calib_ext.models import load_pretrained
+
+    qmodel = calib.calibrate(load_pretrained(ckpt), "rtn", torch.randint(4, 90, (2, 16)), progress=False)
+    calib.save_quantized(qmodel, tmp_path / "q", tokenizer_from=ckpt)
+    rc = sample.main(["--quantized", str(tmp_path / "q"), "--prompt", "w7 w8", "--gen-length", "4"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "W4A4" in out and "tokens/s" in out
