@@ -33,6 +33,9 @@ def _acc_table(ev: dict) -> str:
         if key in ev:
             rows.append(f"| {label} | " + " | ".join(f"{ev[key][t]:.1f}" for t in TASKS)
                         + f" | {ev[key]['mean']:.1f} |")
+    if "w4a4_same_as_fp" in ev:
+        a = ev["w4a4_same_as_fp"]
+        rows.append("| W4A4 answer = FP answer | " + " | ".join(f"{a[t]:.1f}" for t in TASKS) + f" | {a['mean']:.1f} |")
     if "fp" in ev and "w4a4_rtn" in ev:
         rows.append("| Δ (W4A4 − FP) | " + " | ".join(f"{ev['w4a4_rtn'][t] - ev['fp'][t]:+.1f}" for t in TASKS)
                     + f" | {ev['w4a4_rtn']['mean'] - ev['fp']['mean']:+.1f} |")

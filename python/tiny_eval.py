@@ -82,14 +82,17 @@ def quantize_rtn(model: nn.Module) -> tuple[nn.Module, str]:
     return q, backend
 
 
-def accuracy(model, tok, gen_kwargs: dict, n: int, seed: int, split: str) -> dict[str, float]:
-    """Exact-match accuracy (%) per task and the mean."""
+def accuracy(model, tok, gen_kwargs: dict, n: int, seed: int, split: str,
+             texts_out: dict | None = None) -> dict[str, float]:
+    """Exact-match accuracy (%) per task and the mean; decoded texts go to ``texts_out``."""
     res = {}
     for task in TASKS:
         exs = make_examples(task, split, n, seed=seed)
         ids = encode_prompts(tok, [e.prompt for e in exs])
         texts = generate_texts(model, tok, ids, gen_kwargs=gen_kwargs, batch_size=64)
         res[task] = 100.0 * sum(score_predictions(exs, texts)) / n
+        if texts_out is not None:
+            texts_out[task] = texts
     res["mean"] = sum(res[t] for t in TASKS) / len(TASKS)
     return res
 
@@ -110,13 +113,21 @@ def main() -> None:
     gk = default_gen_kwargs(model, generation_config=load_generation_config(args.model))
     out = {"model": args.model, "n_per_task": args.n, "split": args.split, "gen_kwargs": gk}
     t = time.time()
-    out["fp"] = accuracy(model, tok, gk, args.n, args.seed, args.split)
+    fp_texts: dict = {}
+    out["fp"] = accuracy(model, tok, gk, args.n, args.seed, args.split, fp_texts)
     print("FP   ", json.dumps(out["fp"]), f"{time.time() - t:.0f}s", flush=True)
     if not args.no_quant:
         qm, backend = quantize_rtn(model)
         out["w4a4_backend"] = backend
         t = time.time()
-        out["w4a4_rtn"] = accuracy(qm, tok, gk, args.n, args.seed, args.split)
+        q_texts: dict = {}
+        out["w4a4_rtn"] = accuracy(qm, tok, gk, args.n, args.seed, args.split, q_texts)
+        # sensitivity independent of accuracy: how often the quantized answer equals the FP one
+        agree = {t: 100.0 * sum(a.strip() == b.strip() for a, b in zip(fp_texts[t], q_texts[t])) / args.n
+                 for t in TASKS}
+        agree["mean"] = sum(agree[t] for t in TASKS) / len(TASKS)
+        out["w4a4_same_as_fp"] = agree
+        print("same ", json.dumps(agree), flush=True)
         print("W4A4 ", json.dumps(out["w4a4_rtn"]), f"{time.time() - t:.0f}s ({backend})", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
