@@ -119,6 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--act-dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
                    help="dtype of the calibration activations held on CPU")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (1 is fastest for the tiny models on a busy CPU)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -130,6 +132,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from .quant import QuantConfig
 
     t_start = time.time()
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise UsageError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
