@@ -188,7 +188,8 @@ class SmoothQuantTransform(Transform):
         for role in ("qkv", "up_gate", "o", "down"):
             lins = [layer.get_submodule(nm) for nm in lm[role]]
             wmax = torch.cat([l.weight.float().abs() for l in lins], 0).amax(0).clamp(min=1e-5)
-            s = (stats[role].clamp(min=1e-5).pow(a) / wmax.pow(1 - a)).clamp(1e-5, 1e5)
+            act = stats[role].to(wmax.device)
+            s = (act.clamp(min=1e-5).pow(a) / wmax.pow(1 - a)).clamp(1e-5, 1e5)
             if role == "o":
                 # o_proj's input = per-head attention outputs of v: the scale must be tied across
                 # the q heads sharing one kv head (GQA), then folded into v_proj's rows.
@@ -221,7 +222,7 @@ class QuaRotTransform(Transform):
         signs = random_hadamard_signs(d, g)
 
         def rot_rows(w: torch.Tensor) -> torch.Tensor:  # W Q with Q = diag(s) H
-            return hadamard_transform(w.double() * signs, compute_dtype=torch.float64)
+            return hadamard_transform(w.double() * signs.to(w.device), compute_dtype=torch.float64)
 
         if model.lm_head.weight is model.embed_tokens.weight:  # tied: the head gets its own copy
             model.lm_head.weight = nn.Parameter(model.embed_tokens.weight.detach().clone())
@@ -255,13 +256,13 @@ class QuaRotTransform(Transform):
         nh, nkv, dh = mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim
         # head-wise Hadamard on v's output rows (I ⊗ H_dh), undone inside o_proj
         v = layer.get_submodule(lm["qkv"][2])
-        hdh = hadamard_matrix(dh)
+        hdh = hadamard_matrix(dh).to(v.weight.device)
         v.weight.data = (hdh.T @ v.weight.double().view(nkv, dh, -1)).reshape(v.weight.shape).to(v.weight.dtype)
         if v.bias is not None:
             v.bias.data = (v.bias.double().view(nkv, dh) @ hdh).reshape(-1).to(v.bias.dtype)
         # o_proj: online (H_nh ⊗ I), weight gets (H_nh ⊗ H_dh) (orthogonal: inverse-transpose = itself)
         o = layer.get_submodule(lm["o"][0])
-        hnh = hadamard_matrix(nh)
+        hnh = hadamard_matrix(nh).to(o.weight.device)
         from ..quant.modules import kron_apply
 
         o.weight.data = kron_apply(o.weight.double(), hnh, hdh).to(o.weight.dtype)

@@ -110,9 +110,9 @@ class KronAffine(nn.Module):
 
 def smooth_init(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
     """SmoothQuant scale c_j = max|X_j|^α / max_rows|W_:,j|^(1−α) (clamped to [1e-5, 1e5])."""
-    wmax = torch.cat([w.detach().float().abs() for w in weights], 0).amax(0).clamp(min=1e-5)
-    c = act_absmax.float().clamp(min=1e-5).pow(alpha) / wmax.pow(1 - alpha)
-    return c.clamp(1e-5, 1e5)
+    wmax = torch.cat([w.detach().float().abs().cpu() for w in weights], 0).amax(0).clamp(min=1e-5)
+    c = act_absmax.float().cpu().clamp(min=1e-5).pow(alpha) / wmax.pow(1 - alpha)
+    return c.clamp(1e-5, 1e5)  # on CPU like the other block parameters; FlatBlock.to() moves them
 
 
 class _TrainLinear(nn.Module):
@@ -123,7 +123,8 @@ class _TrainLinear(nn.Module):
         self.register_buffer("weight", lin.weight.detach().float().clone())
         self.register_buffer("bias", lin.bias.detach().float().clone() if lin.bias is not None else None)
         n_out = self.weight.shape[0]
-        self.w_clip_logit = nn.Parameter(torch.full((n_out,), block.clip_init)) if block.learn_clip else None
+        self.w_clip_logit = (nn.Parameter(torch.full((n_out,), block.clip_init, device=self.weight.device))
+                             if block.learn_clip else None)
         object.__setattr__(self, "_block", block)  # not a submodule: params live in the block
         self.role, self.name = role, name
 
