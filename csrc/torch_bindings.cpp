@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <vector>
 
 #include "cpu/isa.h"
 #include "ops.h"
@@ -134,6 +135,34 @@ PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
   }
 }
 
+// Test hook: the path FAIR_CPU_ISA=<value> would select (the variable is read once per process).
+PyObject* py_isa_for_env(PyObject*, PyObject* arg) {
+  const char* value = PyUnicode_AsUTF8(arg);
+  if (value == nullptr) return nullptr;
+  // collect TORCH_WARN (the fallback warning) and re-issue it as a Python UserWarning
+  struct Collect : c10::WarningHandler {
+    std::vector<std::string> msgs;
+    void process(const c10::Warning& w) override { msgs.push_back(w.msg()); }
+  } collect;
+  try {
+    Isa isa;
+    {
+      c10::WarningUtils::WarningHandlerGuard guard(&collect);
+      isa = fair::cpu::isa_from_env_value(value);
+    }
+    for (const auto& m : collect.msgs) {
+      if (PyErr_WarnEx(PyExc_UserWarning, m.c_str(), 1) < 0) return nullptr;
+    }
+    return PyUnicode_FromString(fair::cpu::isa_name(isa));
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    return nullptr;
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
 PyObject* py_selftest_pack(PyObject*, PyObject*) {
   try {
     return PyUnicode_FromString(fair::cpu::selftest_pack_panels().c_str());
@@ -148,6 +177,8 @@ PyMethodDef kMethods[] = {
     {"_get_cpu_isa", py_get_cpu_isa, METH_NOARGS, "Name of the CPU kernel path in use."},
     {"_set_cpu_isa", py_set_cpu_isa, METH_O,
      "Force a CPU kernel path ('auto' = best); returns the previous one."},
+    {"_isa_for_env", py_isa_for_env, METH_O,
+     "Test hook: the CPU path FAIR_CPU_ISA=<value> selects (warns on fallback)."},
     {"_selftest_pack_panels", py_selftest_pack, METH_NOARGS,
      "Test hook: vector weight packers vs the scalar one; '' if all agree."},
     {nullptr, nullptr, 0, nullptr}};

@@ -16,6 +16,17 @@ from fair_calib_ext import ops  # noqa: E402
 SUPPORTED = fair_calib_ext.build_info()["cpu_isa_supported"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny problems: one thread keeps the torch reference matmuls from stalling in the thread
+    pool on a busy machine (the kernels run tiny problems on the calling thread anyway;
+    test_ops.py covers the multi-threaded tiling)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 def _codes(shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
     """Random int4 codes; a quarter of the cases use only the extremes -8 / 7."""
     if torch.randint(0, 4, (1,), generator=gen).item() == 0:

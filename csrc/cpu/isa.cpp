@@ -123,22 +123,21 @@ Isa best_isa() {
   return Isa::kScalar;
 }
 
+Isa isa_from_env_value(const char* env) {
+  Isa isa = best_isa();
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return isa;
+  Isa wanted;
+  TORCH_CHECK(parse_isa(env, &wanted), "FAIR_CPU_ISA=", env,
+              " is not one of: auto, scalar, avx2, avx512_vnni, amx");
+  if (isa_supported(wanted)) return wanted;
+  TORCH_WARN("FAIR_CPU_ISA=", env, " is not supported by this CPU/build; using ", isa_name(isa));
+  return isa;
+}
+
 Isa active_isa() {
   std::call_once(g_init_once, [] {
     if (g_active.load() >= 0) return;  // set_active_isa() ran first
-    Isa isa = best_isa();
-    const char* env = std::getenv("FAIR_CPU_ISA");
-    if (env != nullptr && *env != '\0' && std::strcmp(env, "auto") != 0) {
-      Isa wanted;
-      TORCH_CHECK(parse_isa(env, &wanted), "FAIR_CPU_ISA=", env,
-                  " is not one of: auto, scalar, avx2, avx512_vnni, amx");
-      if (isa_supported(wanted)) {
-        isa = wanted;
-      } else {
-        TORCH_WARN("FAIR_CPU_ISA=", env, " is not supported by this CPU/build; using ",
-                   isa_name(isa));
-      }
-    }
+    const Isa isa = isa_from_env_value(std::getenv("FAIR_CPU_ISA"));
     int expected = -1;
     g_active.compare_exchange_strong(expected, int(isa));
   });

@@ -66,6 +66,8 @@ Isa best_isa();
 // The path the ops use: FAIR_CPU_ISA from the environment at first use (an unknown name is an
 // error; a known but unsupported one falls back to best_isa() with a warning), else best_isa().
 Isa active_isa();
+// The choice active_isa() makes for a value of FAIR_CPU_ISA (null/""/"auto": best_isa()).
+Isa isa_from_env_value(const char* env);
 // Forces a path (throws c10::Error if unsupported). Returns the previous one.
 Isa set_active_isa(Isa isa);
 

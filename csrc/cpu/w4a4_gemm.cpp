@@ -69,7 +69,9 @@ void run_gemm(const KernelTable& kt, const ActBuffer& act, const uint8_t* W, int
   const int64_t m_blocks = ceil_div(Mp, mc);
   const int64_t tasks = m_blocks * n_blocks;
 
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  // small problems run on the calling thread: waking the pool costs more than they do
+  const int64_t grain = M * N * K < (int64_t(1) << 22) ? tasks : 1;
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     const int64_t panels_max = round_up(kNc / 16, kt.panel_multiple);
     auto bbuf = aligned_buffer<uint8_t>(panels_max * (std::min(kKc, Kp) / 4) * 64);
     auto cbuf = aligned_buffer<int32_t>(mc * panels_max * 16);
