@@ -13,8 +13,10 @@
 
     python -m fair_calib_ext.eval.lm_eval_adapter run --model fair_dllm \\
         --model_args pretrained=/path/to/LLaDA-8B-Base,dtype=bfloat16,mc_num=128 \\
-        --tasks piqa,arc_easy --device cuda
+        --tasks piqa,arc_easy --device cuda --batch_size 32
 
+(batch size and device go through lm-eval's own ``--batch_size`` / ``--device``, not
+``--model_args``; local datasets through a task YAML and ``--include_path``)
 (this module registers the model type, then hands over to lm-eval's own CLI), or from Python:
 ``register()`` then ``lm_eval.simple_evaluate(model="fair_dllm", ...)``. Under torchrun each
 rank takes its share of the requests (lm-eval splits them by ``rank`` / ``world_size``).
