@@ -367,6 +367,16 @@ def diagnostics(res: dict[str, list[dict[str, Any]]]) -> list[str]:
     return out
 
 
+def _git_head() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def write_report(runner: Runner, done: dict[tuple[str, str, int], dict[str, Any]], missing: list[tuple[str, str, int]],
                  report: Path, wall_s: float, preset: str) -> None:
     sc = runner.scale
@@ -379,7 +389,8 @@ def write_report(runner: Runner, done: dict[tuple[str, str, int], dict[str, Any]
                f"total (this call: {wall_s / 60:.1f} min). All numbers below were measured by these runs; nothing is "
                "copied from the paper.")
     out += ["", "## Setup", ""]
-    out.append(f"- Models: {', '.join(sc.models)}; seeds {sc.seeds} (mean ± sample std over seeds; the seed changes the "
+    out.append(f"- Models: {', '.join(Path(m).name for m in sc.models)} (repository commit {_git_head()}); seeds "
+               f"{sc.seeds} (mean ± sample std over seeds; the seed changes the "
                "calibration windows, the probe prompts and the methods' randomness; evaluation sets are fixed).")
     out.append(f"- Calibration: {sc.n_calib} windows × {sc.seqlen} tokens of the train-split corpus stream; "
                f"FlatQuant/FAIR-Calib {sc.epochs} epoch(s) per block (the paper uses 15), batch {sc.calib_batch}. "
