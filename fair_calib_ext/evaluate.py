@@ -4,7 +4,8 @@
         --tasks suite ppl metrics --n 50 --seed 0 --out runs/eval
 
 writes ``results.json``, ``results.md`` (also printed) and PNG plots (stability-lag CCDF, flip
-rate per step decile, the position prior of each quantized dir that has one) to ``--out``.
+rate per step decile, step-wise probability MSE aligned to the first false commit, the position
+prior of each quantized dir that has one) to ``--out``.
 Under ``torchrun --nproc-per-node N -m fair_calib_ext.evaluate ...`` the samples are sharded
 across ranks (gloo on CPU, NCCL on CUDA) and rank 0 writes the outputs; spell ``--n`` as
 ``--n-per-task`` there (torchrun's parser takes ``--n`` for one of its own options).
@@ -145,7 +146,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _write_outputs(out_dir: str, results: dict[str, Any], table: str, want_metrics: bool) -> None:
-    from fair_calib_ext.eval.plots import plot_flips_by_decile, plot_lag_ccdf, plot_prior
+    from fair_calib_ext.eval.plots import plot_flips_by_decile, plot_lag_ccdf, plot_prior, plot_step_mse_aligned
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -162,6 +163,10 @@ def _write_outputs(out_dir: str, results: dict[str, Any], table: str, want_metri
         series = [(r["label"], r["metrics"]["flips"]["by_step_decile"]) for r in rows[1:] if "metrics" in r]
         if series:
             plots.append(plot_flips_by_decile(series, out / "flips_by_decile.png"))
+        aligned = [(r["label"], r["metrics"]["step_mse"]["aligned_to_first_false_commit"]) for r in rows[1:]
+                   if "step_mse" in r.get("metrics", {})]
+        if aligned:
+            plots.append(plot_step_mse_aligned(aligned, out / "step_mse_aligned.png"))
     for r in rows[1:]:
         w = _find_prior(r["path"])
         if w is not None:

@@ -62,6 +62,7 @@ def test_cli_writes_results_table_and_plots(single_run):
     assert fp_row["ppl"]["n_texts"] == 3 and fp_row["ppl"]["ppl"] > 1
     assert (out / "lag_ccdf.png").stat().st_size > 0 and (out / "flips_by_decile.png").is_file()
     assert str(out / "lag_ccdf.png") in res["plots"]
+    assert (out / "step_mse_aligned.png").is_file()
 
 
 def test_cli_errors_are_one_line_exit_2(ckpts, tmp_path, capsys):
