@@ -299,7 +299,8 @@ print((status("VmHWM") - before) / size)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
     assert res.returncode == 0, res.stderr
     ratio = float(res.stdout.strip().splitlines()[-1])
-    assert 0.8 < ratio < 1.25, f"peak memory while loading = {ratio:.2f}x the model"
+    # measured ~1.1x; a second full copy (mmap + copy, or an fp32 staging copy) would be >= 2x
+    assert 0.8 < ratio < 1.5, f"peak memory while loading = {ratio:.2f}x the model"
 
 
 def test_tokenizer_with_remote_code_class_falls_back(tmp_path):

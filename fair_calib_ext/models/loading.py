@@ -154,11 +154,12 @@ _STAGE_BYTES = 64 << 20  # conversion staging buffer: caps the extra memory of a
 
 
 def _read_tensor(fh: Any, entry: dict[str, Any], data_start: int, fname: Path, name: str,
-                 dtype: torch.dtype) -> torch.Tensor:
+                 dtype: torch.dtype, stage: torch.Tensor) -> torch.Tensor:
     """One tensor read straight into fresh CPU memory of ``dtype`` (no mmap).
 
     Same dtype: the bytes land directly in the result. Otherwise they are converted in chunks
-    through a small staging buffer, so a dtype change never holds two full copies of a tensor.
+    through ``stage`` (a uint8 buffer reused for every tensor, so conversion neither holds two
+    copies of a tensor nor fragments the heap with short-lived large blocks).
     """
     stored = _ST_DTYPES.get(entry["dtype"])
     if stored is None:
@@ -180,13 +181,13 @@ def _read_tensor(fh: Any, entry: dict[str, Any], data_start: int, fname: Path, n
         if fh.readinto(flat.view(torch.uint8).numpy()) != numel * esize:
             raise CheckpointError(f"{fname}: truncated while reading {name}")
         return out
-    chunk = max(1, min(numel, _STAGE_BYTES // esize))
-    stage = torch.empty(chunk, dtype=stored)
+    chunk = max(1, min(numel, stage.numel() // esize))
+    buf = stage[: chunk * esize].view(stored)
     for lo in range(0, numel, chunk):
         n = min(chunk, numel - lo)
-        if fh.readinto(stage[:n].view(torch.uint8).numpy()) != n * esize:
+        if fh.readinto(buf[:n].view(torch.uint8).numpy()) != n * esize:
             raise CheckpointError(f"{fname}: truncated while reading {name}")
-        flat[lo:lo + n].copy_(stage[:n])
+        flat[lo:lo + n].copy_(buf[:n])
     return out
 
 
@@ -281,6 +282,11 @@ def load_pretrained(
             parts.append(f"shape mismatches ({len(bad_shape)}): {'; '.join(bad_shape[:20])}")
         raise CheckpointError("\n  ".join(parts))
     modules = dict(model.named_modules())
+    convert = [headers[f][0][o] for f, o, _ in plan
+               if _ST_DTYPES.get(headers[f][0][o]["dtype"], dtype) != dtype
+               and _ST_DTYPES[headers[f][0][o]["dtype"]].is_floating_point]
+    stage_bytes = min(_STAGE_BYTES, max((e["data_offsets"][1] - e["data_offsets"][0] for e in convert), default=0))
+    stage = torch.empty(max(stage_bytes, 8), dtype=torch.uint8)
     handles: dict[Path, Any] = {}
     try:
         for fpath, oname, nname in plan:
@@ -288,7 +294,7 @@ def load_pretrained(
             if fh is None:
                 fh = handles[fpath] = open(fpath, "rb")
             header, start = headers[fpath]
-            t = _read_tensor(fh, header[oname], start, fpath, oname, dtype)
+            t = _read_tensor(fh, header[oname], start, fpath, oname, dtype, stage)
             if t.device != device:
                 t = t.to(device)  # one tensor at a time through host memory
             mod_name, _, pname = nname.rpartition(".")
@@ -296,6 +302,7 @@ def load_pretrained(
     finally:
         for fh in handles.values():
             fh.close()
+    del stage
     if tied:
         model.lm_head.weight = model.embed_tokens.weight
     model.requires_grad_(True)
