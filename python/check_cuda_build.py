@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 DEFAULT_ARCHS = "8.0;8.6;8.9;9.0"
 GLUE = CUDA_DIR / "ops_cuda.cpp"
+# One compile takes ~25 s of CPU (the GEMM file, per arch); the cap only stops a hung compiler.
+JOB_TIMEOUT_S = 1800
 
 
 @dataclass
@@ -133,7 +135,12 @@ def run_job(job: Job) -> Job:
         return job
     cmd = (["nice", "-n", "10"] if shutil.which("nice") else []) + job.cmd
     start = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        job.seconds = time.perf_counter() - start
+        job.output = f"timed out after {JOB_TIMEOUT_S} s: {' '.join(cmd)}"
+        return job
     job.seconds = time.perf_counter() - start
     job.ok = res.returncode == 0
     job.output = (res.stdout + res.stderr).strip()
