@@ -194,3 +194,25 @@ def test_cli_errors_are_one_line_exit_2(tmp_path: Path) -> None:
     (tmp_path / "full" / "f").write_text("x")
     r = _cli("--model", "x", "--method", "rtn", "--out", str(tmp_path / "full"))
     assert r.returncode == 2 and "--overwrite" in r.stderr
+
+
+@pytest.mark.parametrize("bits,method", [("w8a8", "rtn"), ("w4a16", "gptq"), ("w4a8", "flatquant")])
+def test_other_bit_widths_roundtrip(tmp_path: Path, bits: str, method: str) -> None:
+    from fair_calib_ext.quant.quantizer import QuantConfig
+
+    ids = _data()
+    errs = {}
+    for b in (bits, "w4a4"):
+        m = build_model(tiny_config("llada"), seed=0, init_std=0.1)
+        ref = m(ids).logits.detach()
+        calibrate(m, MethodConfig(method=method, quant=QuantConfig.preset(b), epochs=1), ids, progress=False)
+        with torch.no_grad():
+            errs[b] = float((m(ids).logits - ref).norm() / ref.norm())
+        if b == bits:
+            qls = [q for q in m.modules() if isinstance(q, QuantLinear)]
+            assert all(not q.uses_kernels and q.linear.w_bits == int(b[1]) for q in qls)
+            save_quantized(m, tmp_path / b)
+            m2 = load_quantized(tmp_path / b)
+            with torch.no_grad():
+                assert torch.equal(m2(ids).logits, m(ids).logits)
+    assert errs[bits] < errs["w4a4"]  # more bits somewhere, less error
