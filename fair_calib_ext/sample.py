@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 DEFAULT_EMBEDDED = "tiny-llada"
+# Decoded when no prompt is given, so the bare command shows the embedded model at work.
+DEFAULT_PROMPTS = ("Q: sort 7 3 9 1 4 A:", "Q: reverse cat dog sun A:", "Q: 48*7=? A:")
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -34,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"local checkpoint dir or embedded name (default: {DEFAULT_EMBEDDED!r} once it exists)")
     p.add_argument("--quantized", metavar="DIR", default=None,
                    help="a directory written by save_quantized (the tokenizer comes from it or from --model)")
-    p.add_argument("--prompt", action="append", default=None, help="prompt text (repeat for a batch)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="prompt text (repeat for a batch; default: a few embedded-task prompts)")
     p.add_argument("--prompt-file", default=None, help="file with one prompt per line")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
     p.add_argument("--gen-length", type=int, default=None,
@@ -82,9 +85,9 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         if not f.is_file():
             raise UsageError(f"prompt file not found: {f}")
         prompts += [line for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise UsageError("give at least one --prompt or a non-empty --prompt-file")
-    return prompts
+    if args.prompt_file and not prompts:
+        raise UsageError(f"prompt file {args.prompt_file} has no non-empty line")
+    return prompts or list(DEFAULT_PROMPTS)
 
 
 def _special_id(tok: Any, text: str) -> int | None:
