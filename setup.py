@@ -38,6 +38,12 @@ def _torch_requirement() -> str:
     return "torch==" + torch.__version__.split("+")[0]
 
 
+def _tool(name: str) -> str | None:
+    """A build tool from this Python's environment (pip's cmake / ninja), else from PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else shutil.which(name)
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str) -> None:
         super().__init__(name, sources=[])
@@ -50,7 +56,11 @@ class CMakeBuild(build_ext):
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = Path(self.build_temp).resolve() / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
-        cmake = shutil.which("cmake") or "cmake"
+        # A cache from an earlier build may name tools of a deleted isolated build environment
+        # (or another Python): configure afresh; ninja still rebuilds only what changed.
+        (build_dir / "CMakeCache.txt").unlink(missing_ok=True)
+        cmake = _tool("cmake") or "cmake"
+        ninja = _tool("ninja")
         args = [
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DFAIR_OUTPUT_DIR={out_dir}",
@@ -58,8 +68,8 @@ class CMakeBuild(build_ext):
             f"-DFAIR_CPU_ONLY={'ON' if _truthy('FAIR_CPU_ONLY') else 'OFF'}",
             f"-DFORCE_CUDA={'ON' if _truthy('FORCE_CUDA') else 'OFF'}",
         ]
-        if shutil.which("ninja"):
-            args += ["-G", "Ninja"]
+        if ninja:
+            args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
         args += shlex.split(os.environ.get("CMAKE_ARGS", ""))
         subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
