@@ -27,7 +27,10 @@ using namespace fair::cpu;
 namespace {
 
 constexpr int64_t kNc = 64;    // channels per task (a multiple of 32: 4 panels)
-constexpr int64_t kKc = 1024;  // k per block (a multiple of 64)
+#ifndef FAIR_KC
+#define FAIR_KC 1024
+#endif
+constexpr int64_t kKc = FAIR_KC;  // k per block (a multiple of 64)
 constexpr int64_t kMcMax = 1024;
 
 struct ActBuffer {
