@@ -490,7 +490,7 @@ def test_env_override_value_handling():
             assert fair_calib_ext._C._isa_for_env(name) == best
 
 
-def test_env_override_in_new_process():
+def test_env_override_in_new_process(tmp_path):
     code = (
         "import torch, fair_calib_ext\n"
         "from fair_calib_ext import ops\n"
@@ -500,6 +500,9 @@ def test_env_override_in_new_process():
     )
     # same import resolution as this process (source tree or installed package)
     env = dict(os.environ, FAIR_CPU_ISA="scalar", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    # run outside the repository: `python -c` puts the working directory first on sys.path
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr
     assert "ISA=scalar" in res.stdout
