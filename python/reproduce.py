@@ -367,6 +367,18 @@ def diagnostics(res: dict[str, list[dict[str, Any]]]) -> list[str]:
     return out
 
 
+def _sha(model: str) -> str:
+    import hashlib
+
+    from fair_calib_ext.models import resolve_model_path
+
+    try:
+        f = resolve_model_path(model) / "model.safetensors"
+        return hashlib.sha256(f.read_bytes()).hexdigest()[:12]
+    except (OSError, ValueError):
+        return "unknown"
+
+
 def _git_head() -> str:
     import subprocess
 
@@ -389,7 +401,8 @@ def write_report(runner: Runner, done: dict[tuple[str, str, int], dict[str, Any]
                f"total (this call: {wall_s / 60:.1f} min). All numbers below were measured by these runs; nothing is "
                "copied from the paper.")
     out += ["", "## Setup", ""]
-    out.append(f"- Models: {', '.join(Path(m).name for m in sc.models)} (repository commit {_git_head()}); seeds "
+    out.append(f"- Models: {', '.join(f'{Path(m).name} (model.safetensors sha256 {_sha(m)})' for m in sc.models)}; "
+               f"repository commit {_git_head()}; seeds "
                f"{sc.seeds} (mean ± sample std over seeds; the seed changes the "
                "calibration windows, the probe prompts and the methods' randomness; evaluation sets are fixed).")
     out.append(f"- Calibration: {sc.n_calib} windows × {sc.seqlen} tokens of the train-split corpus stream; "
