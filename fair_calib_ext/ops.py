@@ -18,7 +18,11 @@ from collections.abc import Iterator
 
 import torch
 
-from . import _C  # noqa: F401  (registers torch.ops.fair)
+from . import _C, _C_ERROR  # registers torch.ops.fair
+
+if _C is None:  # without the kernels there is nothing to wrap: say why, not "operator does not exist"
+    raise ImportError(f"fair_calib_ext._C is not built or failed to load ({_C_ERROR}); "
+                      "install the package with `pip install .`")
 
 __all__ = [
     "pack_int4",

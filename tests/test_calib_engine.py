@@ -22,6 +22,12 @@ from fair_calib_ext.quant.modules import QuantLinear, kernels_available
 
 from test_calib_transforms import tiny_config  # noqa: E402  (same test directory)
 
+import fair_calib_ext
+# Subprocesses import the same fair_calib_ext as this process: the installed package in CI,
+# the source tree (with its in-place build) in a developer checkout.
+PKG_PARENT = str(Path(fair_calib_ext.__file__).resolve().parents[1])
+
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -146,7 +152,7 @@ _RESUME_SCRIPT = textwrap.dedent("""
 def test_resume_after_kill_equals_uninterrupted(tmp_path: Path) -> None:
     script = tmp_path / "run.py"
     script.write_text(_RESUME_SCRIPT.format(tests=str(ROOT / "tests")))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": PKG_PARENT, "OMP_NUM_THREADS": "1"}
     py = sys.executable
     # uninterrupted reference
     subprocess.run([py, str(script), str(tmp_path / "ref.run"), str(tmp_path / "ref"), "-1"], env=env,
@@ -180,7 +186,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path: Path) -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": PKG_PARENT, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "fair_calib_ext.calibrate", *args], env=env,
                           capture_output=True, text=True, timeout=300)
 

@@ -14,6 +14,11 @@ import pytest
 
 from fair_calib_ext.evaluate import main
 from fair_calib_ext.models.testing import tiny_checkpoint
+import fair_calib_ext
+# Subprocesses import the same fair_calib_ext as this process: the installed package in CI,
+# the source tree (with its in-place build) in a developer checkout.
+PKG_PARENT = str(Path(fair_calib_ext.__file__).resolve().parents[1])
+
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -77,7 +82,7 @@ def test_cli_errors_are_one_line_exit_2(ckpts, tmp_path, capsys):
 
 def test_torchrun_two_cpu_ranks_match_one_process(ckpts, single_run, tmp_path):
     fp, other = ckpts
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "PYTHONPATH": PKG_PARENT, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     dual = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "fair_calib_ext.evaluate", "--model", str(fp), "--quantized", str(other), "--labels", "OTHER",

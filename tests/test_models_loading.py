@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+
+import fair_calib_ext
 
 from fair_calib_ext.models import (
     CheckpointError,
@@ -23,6 +26,9 @@ from fair_calib_ext.models import (
 )
 from fair_calib_ext.models.testing import tiny_checkpoint, tiny_config, tiny_model
 
+# Subprocesses import the same fair_calib_ext as this process: the installed package in CI,
+# the source tree (with its in-place build) in a developer checkout.
+PKG_PARENT = str(Path(fair_calib_ext.__file__).resolve().parents[1])
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -264,7 +270,7 @@ def test_registration_after_plain_package_import(tmp_path):
         "print(type(m).__name__, m.config.family)\n"
     )
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=PKG_PARENT, OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "DiffusionLM llada"
@@ -282,6 +288,7 @@ def test_loading_keeps_one_copy_in_memory(tmp_path):
 import torch
 from fair_calib_ext.models import load_pretrained, save_pretrained
 from fair_calib_ext.models.testing import tiny_checkpoint, tiny_model
+
 big = tiny_model("llada", hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=4,
                  head_dim=128, vocab_size=2048, mask_token_id=2047, init_std=0.02)
 save_pretrained(big, {str(tmp_path / 'big')!r}, max_shard_bytes=8_000_000)
@@ -295,7 +302,7 @@ before = status("VmRSS")
 m = load_pretrained({str(tmp_path / 'big')!r}, dtype=torch.bfloat16)
 print((status("VmHWM") - before) / size)
 """
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=PKG_PARENT, OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
     assert res.returncode == 0, res.stderr
     ratio = float(res.stdout.strip().splitlines()[-1])

@@ -17,6 +17,11 @@ if fair_calib_ext._C is None:
     pytest.skip(f"fair_calib_ext._C not built: {fair_calib_ext._C_ERROR}", allow_module_level=True)
 
 from fair_calib_ext import ops  # noqa: E402
+from pathlib import Path
+# Subprocesses import the same fair_calib_ext as this process: the installed package in CI,
+# the source tree (with its in-place build) in a developer checkout.
+PKG_PARENT = str(Path(fair_calib_ext.__file__).resolve().parents[1])
+
 
 def isa_params() -> list:
     """One pytest param per CPU ISA path, skipped where this CPU/build lacks it."""
@@ -499,7 +504,7 @@ def test_env_override_in_new_process(tmp_path):
         "print('ISA=' + ops.get_cpu_isa())\n"
     )
     # same import resolution as this process (source tree or installed package)
-    env = dict(os.environ, FAIR_CPU_ISA="scalar", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    env = dict(os.environ, FAIR_CPU_ISA="scalar", PYTHONPATH=PKG_PARENT)
     # run outside the repository: `python -c` puts the working directory first on sys.path
     res = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
