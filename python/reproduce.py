@@ -177,9 +177,13 @@ class Runner:
         self.scale, self.out, self.progress = scale, out, progress
         self._teacher: dict[str, Any] = {}
         self._probe: dict[tuple[str, int], ProbeResult] = {}
+        self._sha: dict[str, str] = {}
 
     def path(self, model: str, row: str, seed: int) -> Path:
-        return self.out / "runs" / _slug(Path(model).name) / _slug(row) / f"seed{seed}.json"
+        # keyed by the weights' hash too, so a retrained model never reuses another model's results
+        if model not in self._sha:
+            self._sha[model] = _sha(model)
+        return self.out / "runs" / f"{_slug(Path(model).name)}-{self._sha[model]}" / _slug(row) / f"seed{seed}.json"
 
     def teacher(self, model: str) -> tuple[Any, Any, dict[str, Any]]:
         if model not in self._teacher:
