@@ -60,7 +60,11 @@ def test_quick_report(models, tmp_path, keep_threads):
     assert "| uniform |" in text and "Against the paper's pattern" in text
     assert (tmp_path / "report_plots" / "tiny-llada_lag_ccdf.png").is_file()
     assert (tmp_path / "report_plots" / "tiny-dream_prior.png").is_file()
-    run = json.loads((tmp_path / "runs" / "runs" / "tiny_llada" / "FAIR_Calib" / "seed0.json").read_text())
+    # the cache is keyed by the weights' hash: tiny_llada-<sha>/FAIR_Calib/seed0.json
+    cached = sorted((tmp_path / "runs" / "runs").glob("tiny_llada-*/FAIR_Calib/seed0.json"))
+    assert len(cached) == 1, cached
+    assert cached[0].parts[-3].endswith(rep._sha(models[0]))  # retrained weights get a fresh cache
+    run = json.loads(cached[0].read_text())
     assert run["prior"]["settings"]["n_probe"] == 8 and run["calib_time_s"] > 0
     assert run["metrics"]["flips"]["n_commits"] > 0
     # a second call reuses every cached run and rewrites the same tables
