@@ -74,6 +74,24 @@ class CMakeBuild(build_ext):
         subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         subprocess.run([cmake, "--build", str(build_dir), "-j", jobs], check=True)
+        self._copy_into_checkout(Path(self.get_ext_fullpath(ext.name)).resolve())
+
+    @staticmethod
+    def _copy_into_checkout(built: Path) -> None:
+        """Also place the module in the source tree being installed from.
+
+        `python -m fair_calib_ext.<cli>` run from the repository root imports the source tree
+        (the working directory comes first on sys.path), which would otherwise have no kernels.
+        """
+        dest = ROOT / "fair_calib_ext" / built.name
+        if not built.is_file() or dest == built or not dest.parent.is_dir():
+            return
+        try:
+            tmp = dest.with_name(dest.name + ".tmp")
+            shutil.copy2(built, tmp)
+            os.replace(tmp, dest)
+        except OSError as exc:  # read-only checkout: the installed copy still works
+            print(f"note: could not copy {built.name} into {dest.parent}: {exc}", file=sys.stderr)
 
 
 setup(
