@@ -25,3 +25,15 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         raise pytest.UsageError(
             f"fair_calib_ext._C did not load ({fair_calib_ext._C_ERROR!r}); "
             "install the package (pip install .) and run `pytest` from the repo root")
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tiny shapes: a threaded pool on a busy 2-core machine spin-waits
+    (measured up to ~100x slower here); restores the previous count afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -11,13 +11,7 @@ from fair_calib_ext.calib.prior import PositionPrior, accumulate_trace, finalize
 from fair_calib_ext.sampling import Trace
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one intra-op thread is faster and immune to a busy shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _hand_trace() -> Trace:

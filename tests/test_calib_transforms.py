@@ -15,13 +15,7 @@ from fair_calib_ext.quant.modules import PendingLinear
 from fair_calib_ext.quant.quantizer import QuantConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one intra-op thread is faster and immune to a busy shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_config(family: str, layers: int = 2) -> ModelConfig:

@@ -30,13 +30,7 @@ from fair_calib_ext.models.testing import tiny_checkpoint, tiny_config, tiny_mod
 # the source tree (with its in-place build) in a developer checkout.
 PKG_PARENT = str(Path(fair_calib_ext.__file__).resolve().parents[1])
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one thread avoids OpenMP spin-waits on a busy 2-core machine (100x here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 LLADA_NAMES_L0 = {
     "model.transformer.blocks.0." + n

@@ -39,35 +39,9 @@ def gemm_path(request, monkeypatch):
     return request.param
 
 
-# ---- pure-torch references (CPU), same as tests/test_ops.py -------------------------------------
+# ---- pure-torch references (CPU): tests/op_reference.py ----------------------------------
 
-
-def ref_quantize(x: torch.Tensor, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    x32 = x.float()
-    scale = (clip * x32.abs().amax(dim=-1)) / 7.0
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = torch.clamp(torch.round(x32 / scale[..., None]), -8, 7).to(torch.int8)
-    return q, scale
-
-
-def ref_pack(q: torch.Tensor) -> torch.Tensor:
-    u = q.to(torch.int16) & 0xF
-    return (u[..., 0::2] | (u[..., 1::2] << 4)).to(torch.uint8)
-
-
-def exact_acc(qa: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
-    return (qa.double() @ qw.double().T).to(torch.int32)
-
-
-def epilogue(acc, a_scale, w_scale, bias, dtype):
-    out = (acc.float() * a_scale[:, None]) * w_scale[None, :]
-    if bias is not None:
-        out = out + bias.float()[None, :]
-    return out.to(dtype)
-
-
-def rand_codes(*shape: int, gen: torch.Generator) -> torch.Tensor:
-    return torch.randint(-8, 8, shape, dtype=torch.int8, generator=gen)
+from op_reference import epilogue, exact_acc, rand_codes, ref_pack, ref_quantize  # noqa: E402  (tests/)
 
 
 def cuda(*ts):

@@ -17,13 +17,7 @@ from fair_calib_ext.quant.hadamard import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one intra-op thread is faster and immune to a busy shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("m", [2, 4, 12, 20, 28, 36, 40, 44, 60, 108, 140, 148])

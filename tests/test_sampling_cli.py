@@ -15,12 +15,7 @@ from fair_calib_ext import sample
 from fair_calib_ext.models.testing import tiny_checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _write_tokenizer(path: Path, chat: bool = False) -> None:

@@ -17,13 +17,7 @@ from fair_calib_ext.models.testing import tiny_model
 from fair_calib_ext.sampling import Trace, generate, left_pad
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one thread avoids OpenMP spin-waits on a busy 2-core machine (100x here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 NEG_INF = float("-inf")
 
