@@ -115,6 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--lambda1", type=float, default=1.0)
     g.add_argument("--reliability", default="prob", choices=("prob", "neg_entropy", "margin"))
     g.add_argument("--floor", type=float, default=0.1)
+    g.add_argument("--outside-weight", type=float, default=None,
+                   help="weight of the positions before the prior window (default: the floor)")
     g.add_argument("--probe-batch-size", type=int, default=8)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -212,7 +214,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                 steps=args.probe_steps, block_length=args.probe_block,
                                 lambda0_schedule=args.lambda0, lambda1=args.lambda1,
                                 reliability=args.reliability, mode=args.prior_mode, floor=args.floor,
-                                batch_size=args.probe_batch_size, seed=args.seed,
+                                outside=args.outside_weight, batch_size=args.probe_batch_size, seed=args.seed,
                                 progress=not args.no_progress)
             model.to("cpu")
             t_prior = time.time() - t0

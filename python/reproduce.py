@@ -45,8 +45,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fair_calib_ext.calib import MethodConfig, PositionPrior, accumulate_trace, calibrate, finalize_prior  # noqa: E402
 from fair_calib_ext.calibrate import build_calibration_data  # noqa: E402
 from fair_calib_ext.eval.accuracy import default_gen_kwargs  # noqa: E402
-from fair_calib_ext.eval.corpus import calib_texts  # noqa: E402
-from fair_calib_ext.eval.plots import plot_flips_by_decile, plot_lag_ccdf, plot_prior  # noqa: E402
+from fair_calib_ext.eval.corpus import calib_texts, heldout_texts  # noqa: E402
+from fair_calib_ext.eval.plots import (  # noqa: E402
+    plot_flips_by_decile,
+    plot_flips_by_position,
+    plot_lag_ccdf,
+    plot_prior,
+)
 from fair_calib_ext.eval.report import Column, default_columns, markdown_table, mean_std  # noqa: E402
 from fair_calib_ext.eval.runner import evaluate_model  # noqa: E402
 from fair_calib_ext.eval.tasks import TASKS  # noqa: E402
@@ -54,8 +59,9 @@ from fair_calib_ext.models import load_pretrained, load_tokenizer  # noqa: E402
 from fair_calib_ext.sampling import Trace, generate  # noqa: E402
 
 MAIN_ROWS = ("FP", "RTN", "SmoothQuant", "QuaRot", "QuaRot+GPTQ", "FlatQuant", "FAIR-Calib")
-ABLATIONS = ("uniform", "frontier-only", "masked-only", "late boost", "n_probe=64", "n_probe=256",
-             "n_probe=512", "n_probe=1024")
+ABLATIONS = ("uniform", "frontier-only", "masked-only", "late boost", "λ0 exp", "outside=1", "n_probe=64",
+             "n_probe=256", "n_probe=512", "n_probe=1024")
+SCHEDULES = ("early", "late", "exp")
 
 
 @dataclass
@@ -66,17 +72,17 @@ class Scale:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     rows: list[str] = field(default_factory=lambda: list(MAIN_ROWS))
     ablations: list[str] = field(default_factory=lambda: list(ABLATIONS))
-    ablation_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    ablation_seeds: list[int] = field(default_factory=lambda: [0])
     n_calib: int = 64  # calibration windows
     seqlen: int = 64  # tokens per window
     probe_block: int = 4  # Stage I block length (K / probe_block blocks)
     n_probe: int = 512  # rollouts for the main FAIR-Calib prior
     n_probe_max: int = 1024  # one probing pass, snapshots at 64/256/512/1024
     probe_batch: int = 32
-    epochs: int = 3  # FlatQuant / FAIR epochs per block (paper: 15)
+    epochs: int = 15  # FlatQuant / FAIR epochs per block (the paper's 15)
     calib_batch: int = 4
-    n_eval: int = 32  # test examples per task
-    n_metrics: int = 32  # prompts for the mechanism metrics
+    n_eval: int = 100  # test examples per task
+    n_metrics: int = 128  # prompts for the mechanism metrics
     n_ppl: int = 48  # held-out texts
     mc_num: int = 32  # MC-ELBO samples
     batch_size: int = 32
@@ -101,7 +107,7 @@ def stream_windows(tok: Any, n: int, seqlen: int, seed: int) -> torch.Tensor:
 
 @dataclass
 class ProbeResult:
-    """Stage I accumulators snapshotted at several n_probe values, for early and late λ0."""
+    """Stage I accumulators snapshotted at several n_probe values, for each λ0 schedule."""
 
     acc: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]
     time_s: float
@@ -113,8 +119,8 @@ def probe(model: Any, prompts: torch.Tensor, gen_k: int, scale: Scale, seed: int
     """One random-commit probing pass (as ``calib.probe_prior``) feeding both λ0 schedules."""
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
-    f = {s: torch.zeros(gen_k, dtype=torch.float64) for s in ("early", "late")}
-    r = {s: torch.zeros(gen_k, dtype=torch.float64) for s in ("early", "late")}
+    f = {s: torch.zeros(gen_k, dtype=torch.float64) for s in SCHEDULES}
+    r = {s: torch.zeros(gen_k, dtype=torch.float64) for s in SCHEDULES}
     acc: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
     done, total = 0, max(snapshots)
     marks = sorted(set(snapshots))
@@ -124,17 +130,29 @@ def probe(model: Any, prompts: torch.Tensor, gen_k: int, scale: Scale, seed: int
         tr = Trace()
         generate(model, prompts[idx], gen_length=gen_k, steps=gen_k, block_length=min(scale.probe_block, gen_k),
                  temperature=0.0, remasking="random", trace=tr, schedule="llada", generator=gen)
-        for s in ("early", "late"):
+        for s in SCHEDULES:
             accumulate_trace(tr, f[s], r[s], lambda0_schedule=s, reliability="prob",
                              vocab_size=model.config.vocab_size, total_steps=gen_k)
         done += b
         while marks and done >= marks[0]:
-            for s in ("early", "late"):
+            for s in SCHEDULES:
                 acc[(s, marks[0])] = (f[s].clone(), r[s].clone())
             marks.pop(0)
     settings = {"gen_length": gen_k, "steps": gen_k, "block_length": min(scale.probe_block, gen_k),
                 "policy": "random-commit", "reliability": "prob", "prompt_len": int(prompts.shape[1]), "seed": seed}
     return ProbeResult(acc, time.perf_counter() - t0, settings)
+
+
+@torch.no_grad()
+def visible_kl(teacher: Any, model: Any, tok: Any, k: int, scale: Scale) -> dict[str, float]:
+    """Mean KL(teacher ‖ model) of the output distributions on fully visible held-out (test-split)
+    stream windows (Stage II's own domain), on the trailing K positions (the prior's window) and before
+    them: shows where the weighted objective actually spent its error budget."""
+    x = build_calibration_data(tok, heldout_texts(2000, seed=0), 32, scale.seqlen, 0, tok.eos_token_id)
+    lp = torch.log_softmax(teacher(x).logits.double(), -1)
+    lq = torch.log_softmax(model(x).logits.double(), -1)
+    kl = (lp.exp() * (lp - lq)).sum(-1)  # [B, S]
+    return {"window": float(kl[:, -k:].mean()), "outside": float(kl[:, :-k].mean())}
 
 
 def row_spec(label: str, scale: Scale) -> tuple[MethodConfig | None, dict[str, Any] | None]:
@@ -151,6 +169,8 @@ def row_spec(label: str, scale: Scale) -> tuple[MethodConfig | None, dict[str, A
         "frontier-only": (dict(method="fair"), {**fair, "mode": "frontier"}),
         "masked-only": (dict(method="fair"), {**fair, "mode": "masked"}),
         "late boost": (dict(method="fair"), {**fair, "lambda0": "late"}),
+        "λ0 exp": (dict(method="fair"), {**fair, "lambda0": "exp"}),
+        "outside=1": (dict(method="fair"), {**fair, "outside": 1.0}),
     }
     for n in (64, 256, 512, 1024):
         table[f"n_probe={n}"] = (dict(method="fair"), {**fair, "n_probe": n})
@@ -203,8 +223,9 @@ class Runner:
             self._probe[key] = probe(t, w, k, sc, seed, snaps)
         pr = self._probe[key]
         f, r = pr.acc[(spec["lambda0"], spec["n_probe"])]
-        settings = {**pr.settings, "n_probe": spec["n_probe"], "lambda0": spec["lambda0"], "prior": spec["mode"]}
-        return finalize_prior(f, r, mode=spec["mode"], settings=settings), pr.time_s
+        settings = {**pr.settings, "n_probe": spec["n_probe"], "lambda0": spec["lambda0"], "prior": spec["mode"],
+                    "outside": spec.get("outside")}
+        return finalize_prior(f, r, mode=spec["mode"], settings=settings, outside=spec.get("outside")), pr.time_s
 
     def run(self, model: str, row: str, seed: int) -> dict[str, Any]:
         p = self.path(model, row, seed)
@@ -218,7 +239,11 @@ class Runner:
                       gen_kwargs=gen, progress=self.progress)
         kw, spec = row_spec(row, sc)
         res: dict[str, Any] = {"model": model, "row": row, "seed": seed}
-        if kw is None:
+        if row != "FAIR-Calib" and (kw, spec) == row_spec("FAIR-Calib", sc):
+            # the same configuration as the main row (e.g. n_probe=512): one run serves both
+            res.update(self.run(model, "FAIR-Calib", seed))
+            res["same_as"] = "FAIR-Calib"
+        elif kw is None:
             if seed != sc.seeds[0]:  # FP does not depend on the calibration seed
                 res.update(self.run(model, row, sc.seeds[0]))
                 res["seed"] = seed
@@ -240,6 +265,7 @@ class Runner:
             if prior is not None:
                 res["prior"] = {"weights": prior.weights.tolist(), "mode": prior.mode, "settings": prior.settings}
             res.update(evaluate_model(qm, tok, teacher=teacher, **common))
+            res["visible_kl"] = visible_kl(teacher, qm, tok, gen["gen_length"], sc)
             del qm
         res["row"], res["seed"] = row, seed
         res["run_time_s"] = time.perf_counter() - t_run
@@ -314,7 +340,57 @@ def pattern_section(model: str, res: dict[str, list[dict[str, Any]]]) -> list[st
     if acc.get("late boost", (None,))[0] is not None and fa is not None:
         lines.append(f"- Early vs late boost (paper: early better): early {fa:.1f}% vs late {acc['late boost'][0]:.1f}%.")
     lines += diagnostics(res)
+    lines += prior_investigation(res)
     return lines
+
+
+def _pearson(x: list[float], y: list[float]) -> float | None:
+    if len(x) < 3:
+        return None
+    t = torch.tensor([x, y], dtype=torch.float64)
+    t = t - t.mean(1, keepdim=True)
+    den = float(t[0].norm() * t[1].norm())
+    return float((t[0] * t[1]).sum()) / den if den > 0 else None
+
+
+def prior_investigation(res: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Does the prior point where the flips are, and where did the weighted objective spend its
+    budget? (seed-0 priors; flip profile of FlatQuant's seed-0 run; visible-text KL over seeds)."""
+    out: list[str] = []
+    first = {r: v[0] for r, v in res.items() if v}
+    acc = {r: _avg(v, "tasks.avg", 100.0)[0] for r, v in res.items()}
+    flips = {r: _avg(v, "metrics.flips.rate", 100.0)[0] for r, v in res.items()}
+    for r in ("λ0 exp", "outside=1"):
+        if None not in (acc.get(r), acc.get("FAIR-Calib"), acc.get("uniform"), flips.get(r)):
+            out.append(f"- {r}: {acc[r]:.1f}% / {flips[r]:.2f}% flips (FAIR-Calib default {acc['FAIR-Calib']:.1f}% / "
+                       f"{flips['FAIR-Calib']:.2f}%, uniform {acc['uniform']:.1f}% / {flips['uniform']:.2f}%).")
+    ref = first.get("FlatQuant") or first.get("uniform")
+    if ref and "metrics" in ref and ref["metrics"]["flips"].get("by_position"):
+        prof = ref["metrics"]["flips"]["by_position"]
+        ok = [i for i, v in enumerate(prof) if v is not None]
+        prof_s = ", ".join(f"{100 * prof[i]:.1f}" for i in ok)
+        out.append(f"- Where the flips are ({ref['row']} seed {ref['seed']}, flip % by generation position): "
+                   f"{prof_s}.")
+        cors = []
+        for r in ("FAIR-Calib", "frontier-only", "masked-only", "late boost", "λ0 exp"):
+            pr = first.get(r, {}).get("prior")
+            if pr and len(pr["weights"]) == len(prof):
+                w = pr["weights"]
+                c = _pearson([w[i] for i in ok], [prof[i] for i in ok])
+                shape = f"w from {min(w):.2f} to {max(w):.2f}, first/last position {w[0]:.2f}/{w[-1]:.2f}"
+                cors.append(f"{r} ({shape}; r = {'n/a' if c is None else f'{c:+.2f}'})")
+        if cors:
+            out.append("- Priors and their correlation with that flip profile: " + "; ".join(cors) + ".")
+    kl = {}
+    for r in ("FlatQuant", "uniform", "FAIR-Calib", "outside=1", "λ0 exp"):
+        win = _avg(res.get(r, []), "visible_kl.window")[0]
+        oth = _avg(res.get(r, []), "visible_kl.outside")[0]
+        if win is not None and oth is not None:
+            kl[r] = (win, oth)
+    if kl:
+        out.append("- Where Stage II spent its error budget (KL(FP ‖ model) on visible held-out text, prior window / "
+                   "before it): " + ", ".join(f"{r} {w:.4f} / {o:.4f}" for r, (w, o) in kl.items()) + ".")
+    return out
 
 
 def diagnostics(res: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -455,6 +531,13 @@ def write_report(runner: Runner, done: dict[tuple[str, str, int], dict[str, Any]
         if series:
             imgs.append(plot_flips_by_decile(series, plot_dir / f"{name}_flips_by_decile.png",
                                              title=f"{name}: frontier flips by step decile"))
+        pos = [(r, seed0[r]["metrics"]["flips"]["by_position"]) for r in ("RTN", "FlatQuant", "FAIR-Calib")
+               if r in seed0 and "metrics" in seed0[r] and seed0[r]["metrics"]["flips"].get("by_position")]
+        pri = [(r, seed0[r]["prior"]["weights"]) for r in ("FAIR-Calib", "frontier-only", "λ0 exp")
+               if r in seed0 and "prior" in seed0[r]]
+        if pos:
+            imgs.append(plot_flips_by_position(pos, pri, plot_dir / f"{name}_flips_by_position.png",
+                                               title=f"{name}: flips by position (seed 0) and priors"))
         if "FAIR-Calib" in seed0 and "prior" in seed0["FAIR-Calib"]:
             imgs.append(plot_prior(seed0["FAIR-Calib"]["prior"]["weights"], plot_dir / f"{name}_prior.png",
                                    title=f"{name}: position prior (seed {seed0['FAIR-Calib']['seed']})"))

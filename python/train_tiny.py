@@ -80,15 +80,31 @@ def make_config(family: str, args: argparse.Namespace, vocab: int) -> ModelConfi
 
 
 # ----------------------------------------------------------------------------- data
+def parse_task_weights(spec: str | None) -> dict[str, float]:
+    """'add=2,sort=0.5' -> TASK_WEIGHTS with those entries replaced."""
+    weights = dict(TASK_WEIGHTS)
+    for item in (spec or "").split(","):
+        if not item.strip():
+            continue
+        name, _, value = item.partition("=")
+        if name.strip() not in weights or not value:
+            raise SystemExit(f"--task-weights: expected task=weight with task in {sorted(weights)}, "
+                             f"got {item!r}")
+        weights[name.strip()] = float(value)
+    return weights
+
+
 class Packer:
     """Endless stream of packed batches of mixed-task examples (train split)."""
 
-    def __init__(self, tok, rows: int, row_len: int, seed: int, pretrain_frac: float) -> None:
+    def __init__(self, tok, rows: int, row_len: int, seed: int, pretrain_frac: float,
+                 task_weights: dict[str, float] | None = None) -> None:
         self.tok, self.rows, self.row_len = tok, rows, row_len
         self.rng = random.Random(seed)
         self.pretrain_frac = pretrain_frac
-        self.tasks = list(TASK_WEIGHTS)
-        self.weights = [TASK_WEIGHTS[t] for t in self.tasks]
+        weights = task_weights or TASK_WEIGHTS
+        self.tasks = list(weights)
+        self.weights = [weights[t] for t in self.tasks]
         self.pool: list[tuple[list[int], int, int, bool]] = []
 
     def _refill(self, n: int = 256) -> None:
@@ -318,6 +334,8 @@ def main() -> None:
     ap.add_argument("--save-every-s", type=float, default=120.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init-from", default=None, help="state.pt/best.pt of another run to start from")
+    ap.add_argument("--task-weights", default=None,
+                    help="sampling weights, e.g. 'add=2,sub=2,sort=0.75' (others keep the default)")
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: budget)")
     ap.add_argument("--export", default=None, help="export best.pt to this dir and exit")
     args = ap.parse_args()
@@ -345,7 +363,8 @@ def main() -> None:
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
     step, elapsed, best, examples = 0, 0.0, -1.0, 0
-    packer = Packer(tok, args.rows, args.row_len, args.seed, args.pretrain_frac)
+    packer = Packer(tok, args.rows, args.row_len, args.seed, args.pretrain_frac,
+                    parse_task_weights(args.task_weights))
     gen = torch.Generator().manual_seed(args.seed + 1)
     state_path = out / "state.pt"
     if state_path.is_file():

@@ -93,6 +93,13 @@ def test_positions_mapping_floor_and_roundtrip(tmp_path) -> None:
     assert torch.equal(q.weights, p.weights) and q.settings == {"n_probe": 3} and q.floor == 0.1
     with pytest.raises(FileNotFoundError):
         PositionPrior.load(tmp_path / "missing")
+    # a separate weight before the window keeps the context in the loss; it survives save/load
+    o = PositionPrior(p.weights, floor=0.1, mode="both", outside=1.0)
+    assert o.to_positions(6).tolist() == pytest.approx([1.0, 1.0, 2.0, 1.0, 0.5, 0.5])
+    o.save(tmp_path / "prior_o")
+    assert PositionPrior.load(tmp_path / "prior_o").outside == 1.0
+    with pytest.raises(ValueError, match="outside"):
+        finalize_prior(torch.ones(4), torch.ones(4), outside=-1.0)
 
 
 def test_probe_prior_runs_the_sampler() -> None:

@@ -67,6 +67,10 @@ def test_quick_report(models, tmp_path, keep_threads):
     run = json.loads(cached[0].read_text())
     assert run["prior"]["settings"]["n_probe"] == 8 and run["calib_time_s"] > 0
     assert run["metrics"]["flips"]["n_commits"] > 0
+    assert sum(run["metrics"]["flips"]["commits_by_position"]) == run["metrics"]["flips"]["n_commits"]
+    assert run["visible_kl"]["window"] >= 0 and run["visible_kl"]["outside"] >= 0
+    assert (tmp_path / "report_plots" / "tiny-dream_flips_by_position.png").is_file()
+    assert "Where Stage II spent its error budget" in text
     # a second call reuses every cached run and rewrites the same tables
     (tmp_path / "REPORT.md").unlink()
     assert rep.main(args) == 0

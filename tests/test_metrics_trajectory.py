@@ -88,6 +88,9 @@ def test_flips_overall_decile_margin():
     assert buckets[(0.1, 0.25)]["rate"] == 1.0
     # the last bucket includes its upper edge (margin 1.0 at pos2)
     assert buckets[(0.5, 1.0)]["n"] == 2 and buckets[(0.5, 1.0)]["rate"] == pytest.approx(0.5)
+    # one commit per generation position; positions 1 and 2 flipped
+    assert s["commits_by_position"] == [1, 1, 1, 1]
+    assert s["by_position"] == [0.0, 1.0, 1.0, 0.0]
 
 
 def test_flips_without_margin():

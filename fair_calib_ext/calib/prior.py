@@ -63,17 +63,19 @@ class PositionPrior:
     floor: float = 0.1
     mode: str = "both"
     settings: dict[str, Any] = field(default_factory=dict)
+    outside: float | None = None  # weight before the window; None: the floor (reference default)
 
     @property
     def window(self) -> int:
         return int(self.weights.numel())
 
     def to_positions(self, seqlen: int) -> torch.Tensor:
-        """[seqlen] weights: the prior on the trailing K positions, the floor before them."""
+        """[seqlen] weights: the prior on the trailing K positions, ``outside`` (default: the
+        floor) before them."""
         if self.mode == "uniform":
             return torch.ones(seqlen)
         k = self.window
-        out = torch.full((seqlen,), float(self.floor))
+        out = torch.full((seqlen,), float(self.floor if self.outside is None else self.outside))
         if seqlen >= k:
             out[seqlen - k:] = self.weights.float()
         else:
@@ -96,7 +98,8 @@ class PositionPrior:
         tmp = st.with_name(st.name + ".tmp")
         save_file({"weights": self.weights.float().contiguous()}, str(tmp))
         os.replace(tmp, st)
-        meta = {"floor": self.floor, "mode": self.mode, "window": self.window, "settings": self.settings}
+        meta = {"floor": self.floor, "mode": self.mode, "window": self.window, "settings": self.settings,
+                "outside": self.outside}
         tmpj = js.with_name(js.name + ".tmp")
         tmpj.write_text(json.dumps(meta, indent=1))
         os.replace(tmpj, js)
@@ -114,7 +117,7 @@ class PositionPrior:
             raise FileNotFoundError(f"prior {base}: need both {st.name} and {js.name}")
         meta = json.loads(js.read_text())
         return cls(load_file(str(st))["weights"], floor=meta["floor"], mode=meta["mode"],
-                   settings=meta.get("settings", {}))
+                   settings=meta.get("settings", {}), outside=meta.get("outside"))
 
     def plot(self, path: str | os.PathLike[str]) -> None:
         """PNG of the prior over the window."""
@@ -171,8 +174,13 @@ def accumulate_trace(trace: Any, f_acc: torch.Tensor, r_acc: torch.Tensor, *, la
 
 
 def finalize_prior(f_acc: torch.Tensor, r_acc: torch.Tensor, *, mode: str = "both", lambda1: float = 1.0,
-                   floor: float = 0.1, settings: dict[str, Any] | None = None) -> PositionPrior:
-    """w = F/mean F + λ1 R/mean R (or one term), mean-1 normalised, clamped below at ``floor``."""
+                   floor: float = 0.1, settings: dict[str, Any] | None = None,
+                   outside: float | None = None) -> PositionPrior:
+    """w = F/mean F + λ1 R/mean R (or one term), mean-1 normalised, clamped below at ``floor``.
+
+    ``outside`` is the weight of the positions before the window (None: the floor)."""
+    if outside is not None and not (math.isfinite(outside) and outside >= 0):
+        raise ValueError(f"outside must be a finite weight >= 0, got {outside!r}")
     if mode not in PRIOR_MODES:
         raise ValueError(f"unknown prior mode {mode!r}; choose from {PRIOR_MODES}")
     k = f_acc.numel()
@@ -191,7 +199,7 @@ def finalize_prior(f_acc: torch.Tensor, r_acc: torch.Tensor, *, mode: str = "bot
     if w.mean() <= 0:
         raise ValueError("prior statistics are empty (no commits / masked positions recorded)")
     w = (w / w.mean()).clamp(min=floor)
-    return PositionPrior(w.float(), floor=floor, mode=mode, settings=dict(settings or {}))
+    return PositionPrior(w.float(), floor=floor, mode=mode, settings=dict(settings or {}), outside=outside)
 
 
 @torch.no_grad()
@@ -208,6 +216,7 @@ def probe_prior(
     reliability: str = "prob",
     mode: str = "both",
     floor: float = 0.1,
+    outside: float | None = None,
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = True,
@@ -232,7 +241,7 @@ def probe_prior(
     block_length = min(block_length, gen_length)
     settings = {"n_probe": n_probe, "gen_length": gen_length, "steps": steps, "block_length": block_length,
                 "lambda0": lambda0_schedule, "lambda1": lambda1, "reliability": reliability,
-                "prior": mode, "floor": floor, "seed": seed, "policy": "random-commit",
+                "prior": mode, "floor": floor, "outside": outside, "seed": seed, "policy": "random-commit",
                 "prompt_len": int(p.shape[1])}
     if mode == "uniform":
         return PositionPrior(torch.ones(gen_length), floor=1.0, mode="uniform", settings=settings)
@@ -260,4 +269,5 @@ def probe_prior(
             bar.update(b)
     if bar is not None:
         bar.close()
-    return finalize_prior(f_acc, r_acc, mode=mode, lambda1=lambda1, floor=floor, settings=settings)
+    return finalize_prior(f_acc, r_acc, mode=mode, lambda1=lambda1, floor=floor, settings=settings,
+                          outside=outside)

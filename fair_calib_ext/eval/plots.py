@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-__all__ = ["plot_lag_ccdf", "plot_flips_by_decile", "plot_prior", "plot_step_mse_aligned"]
+__all__ = ["plot_lag_ccdf", "plot_flips_by_decile", "plot_flips_by_position", "plot_prior", "plot_step_mse_aligned"]
 
 
 def _plt():
@@ -61,6 +61,38 @@ def plot_flips_by_decile(series: Sequence[tuple[str, Sequence[float | None]]], p
     ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_flips_by_position(series: Sequence[tuple[str, Sequence[float | None]]],
+                           priors: Sequence[tuple[str, Sequence[float]]], path: str | os.PathLike[str],
+                           title: str = "frontier flips by generation position") -> str:
+    """Bars: flip rate (%) per generation position for each model; lines (right axis): priors
+    over the same window, to see whether the prior weighs the positions that flip."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    n = max(len(series), 1)
+    width = 0.8 / n
+    k_max = 0
+    for k, (label, rates) in enumerate(series):
+        xs = [i + (k - (n - 1) / 2) * width for i in range(len(rates))]
+        ax.bar(xs, [100.0 * (r or 0.0) for r in rates], width=width, label=label, alpha=0.8)
+        k_max = max(k_max, len(rates))
+    ax.set_xlabel("generation position")
+    ax.set_ylabel("flip rate (%)")
+    ax.grid(axis="y", alpha=0.3)
+    if priors:
+        ax2 = ax.twinx()
+        for j, (label, w) in enumerate(priors):
+            ax2.plot(range(len(w)), list(w), marker=".", lw=1.2, color=f"C{(n + j) % 10}",
+                     label=f"prior: {label}")
+        ax2.set_ylabel("prior weight")
+        lines, labels = ax.get_legend_handles_labels()
+        l2, lb2 = ax2.get_legend_handles_labels()
+        ax.legend(lines + l2, labels + lb2, fontsize=7, loc="upper right")
+    else:
+        ax.legend(fontsize=8)
+    ax.set_title(title)
     return _save(fig, path)
 
 

@@ -105,12 +105,14 @@ class _Records:
 @dataclass
 class FlipRecords(_Records):
     """One entry per committed position: step [N] (0-based), n_steps [N] (T of its trajectory),
-    margin [N] (teacher p1 - p2 at commit, NaN if unknown) and flip [N] (bool)."""
+    margin [N] (teacher p1 - p2 at commit, NaN if unknown), flip [N] (bool) and position [N]
+    (0-based index in the generation window, to set flips beside the position prior)."""
 
     step: Tensor
     n_steps: Tensor
     margin: Tensor
     flip: Tensor
+    position: Tensor
 
 
 @dataclass
@@ -169,8 +171,9 @@ def flip_records(commit: Tensor, tokens: Tensor, q_top1: Tensor, margin: Tensor 
     if margin is not None:
         _check_tgb("margin", margin, commit)
     step = steps[commit]
+    pos = torch.arange(commit.shape[2]).view(1, 1, -1).expand_as(commit)[commit]
     return FlipRecords(
-        step=step, n_steps=torch.full_like(step, T), margin=m, flip=(q_top1 != tokens)[commit]
+        step=step, n_steps=torch.full_like(step, T), margin=m, flip=(q_top1 != tokens)[commit], position=pos
     )
 
 
@@ -267,6 +270,9 @@ def summarize_flips(
         buckets.append(
             {"lo": lo, "hi": hi, "n": int(sel.sum()), "rate": _rate(flips[sel].sum(), sel.sum())}
         )
+    n_pos = int(rec.position.max()) + 1 if n else 0
+    by_pos_n = torch.bincount(rec.position, minlength=n_pos) if n else torch.zeros(0, dtype=torch.int64)
+    by_pos_f = torch.bincount(rec.position, weights=flips.double(), minlength=n_pos) if n else torch.zeros(0)
     return {
         "rate": _rate(flips.sum(), n),
         "n_commits": n,
@@ -274,6 +280,8 @@ def summarize_flips(
         "by_step_decile": [_rate(f, c) for f, c in zip(by_dec_f.tolist(), by_dec_n.tolist())],
         "commits_by_step_decile": by_dec_n.tolist(),
         "by_margin": buckets,
+        "by_position": [_rate(f, c) for f, c in zip(by_pos_f.tolist(), by_pos_n.tolist())],
+        "commits_by_position": by_pos_n.tolist(),
     }
 
 
