@@ -32,6 +32,7 @@ import dataclasses
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -460,8 +461,6 @@ def _sha(model: str) -> str:
 
 
 def _git_head() -> str:
-    import subprocess
-
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
                               cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
@@ -491,6 +490,12 @@ def write_report(runner: Runner, done: dict[tuple[str, str, int], dict[str, Any]
                "the quantized prefix.")
     out.append(f"- Stage I prior: {sc.n_probe} random-commit rollouts (blocks of {sc.probe_block}), λ0 early, "
                "c̃ = top-1 prob, balanced λ1 = 1, floor 0.1; trailing window = generation length.")
+    out.append(f"- Ablation rows (seed{'s' if len(sc.ablation_seeds) > 1 else ''} "
+               f"{', '.join(map(str, sc.ablation_seeds))}): uniform = w̄ ≡ 1 with FAIR-Calib's engine (quantized-prefix "
+               "inputs); frontier-only / masked-only = one term of the prior; late boost = λ0(t) = t/T; λ0 exp = "
+               "exp(−3(t−1)/T), a non-linear early boost that does not cancel against the masked term; outside=1 = the "
+               "default prior but weight 1 (not the 0.1 floor) on the positions before the window, so the context "
+               "positions stay in the loss; n_probe=N = the default prior from the first N rollouts of one probing pass.")
     out.append(f"- Evaluation: {sc.n_eval} test examples per task (exact match), MC-ELBO perplexity on {sc.n_ppl} "
                f"held-out lines (mc_num {sc.mc_num}, common random numbers), mechanism metrics on {sc.n_metrics} "
                "prompts (§6 definitions; flips/mismatch teacher-forced on the FP trajectory, lag on each model's own "
@@ -557,6 +562,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--deadline-min", type=float, default=None, help="stop starting runs after this many minutes")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="worker processes, one model each (1 thread per worker); the report is written after all")
+    ap.add_argument("--runs-only", action="store_true", help=argparse.SUPPRESS)  # worker mode: no report
     for f in dataclasses.fields(Scale):
         kind = f.type if isinstance(f.type, str) else f.type.__name__
         if kind.startswith("list"):
@@ -572,6 +580,18 @@ def main(argv: list[str] | None = None) -> int:
                                          if getattr(a, f.name) is not None})
     for r in scale.rows + scale.ablations:
         row_spec(r, scale)
+    if a.jobs < 1:
+        raise SystemExit(f"--jobs must be >= 1, got {a.jobs}")
+    if a.jobs > 1 and len(scale.models) > 1:
+        raw = list(sys.argv[1:] if argv is None else argv)
+        groups = [scale.models[i::a.jobs] for i in range(min(a.jobs, len(scale.models)))]
+        # later flags win in argparse: each worker gets its models, one thread, no report
+        procs = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *raw, "--models", *g, "--jobs", "1",
+                                   "--threads", "1", "--runs-only", "--no-progress"]) for g in groups]
+        rcs = [p.wait() for p in procs]
+        if any(rcs):
+            print(f"worker exit codes {rcs}", file=sys.stderr)
+            return max(rcs)
     out = Path(a.out)
     runner = Runner(scale, out, progress=not a.no_progress)
     plan: list[tuple[str, str, int]] = []
@@ -586,7 +606,8 @@ def main(argv: list[str] | None = None) -> int:
     missing: list[tuple[str, str, int]] = []
     for i, key in enumerate(plan):
         cached = runner.path(*key).is_file()
-        if not cached and a.deadline_min is not None and time.perf_counter() - t0 > 60 * a.deadline_min:
+        after_workers = a.jobs > 1 and len(scale.models) > 1  # what the workers did not finish stays missing
+        if not cached and (after_workers or (a.deadline_min is not None and time.perf_counter() - t0 > 60 * a.deadline_min)):
             missing.append(key)
             continue
         r0 = time.perf_counter()
@@ -594,7 +615,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i + 1}/{len(plan)}] {Path(key[0]).name} {key[1]} seed {key[2]}: "
               f"avg {100 * done[key]['tasks']['avg']:.1f}% flips {100 * (done[key]['metrics']['flips']['rate'] or 0):.2f}% "
               f"({'cached' if cached else f'{time.perf_counter() - r0:.0f}s'})", flush=True)
-    # FlatQuant doubles as the ablations' reference; FAIR-Calib as "both"
+    if a.runs_only:
+        return 0
     write_report(runner, done, missing, Path(a.report), time.perf_counter() - t0, "--quick" if a.quick else "full")
     print(f"wrote {a.report} ({len(done)} runs, {len(missing)} not run)")
     return 0

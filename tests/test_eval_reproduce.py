@@ -77,6 +77,18 @@ def test_quick_report(models, tmp_path, keep_threads):
     assert (tmp_path / "REPORT.md").read_text().split("## Setup")[1] == text.split("## Setup")[1]
 
 
+def test_jobs_split_models_across_workers(models, tmp_path, keep_threads):
+    """--jobs 2: one worker process per model fills the cache, then the parent writes the report."""
+    rep = _load("reproduce", REPO / "python" / "reproduce.py")
+    args = ["--quick", "--models", *models, "--out", str(tmp_path / "runs"), "--report", str(tmp_path / "R.md"),
+            "--no-progress", "--rows", "FP", "RTN", "--ablations", "--n-eval", "1", "--n-metrics", "2",
+            "--n-ppl", "2", "--mc-num", "2", "--n-calib", "4", "--seqlen", "24", "--jobs", "2"]
+    assert rep.main(args) == 0
+    text = (tmp_path / "R.md").read_text()
+    assert "Not run" not in text and text.count("| RTN |") == 2
+    assert len(list((tmp_path / "runs" / "runs").glob("tiny_*-*/RTN/seed0.json"))) == 2
+
+
 def test_unknown_row_is_rejected(tmp_path):
     rep = _load("reproduce", REPO / "python" / "reproduce.py")
     with pytest.raises(ValueError, match="unknown row"):
