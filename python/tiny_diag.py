@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -38,6 +39,7 @@ def diagnose(model, tok, task: str, n: int, split: str = "val") -> dict:
     gk = default_gen_kwargs(model, generation_config=load_generation_config(model.name_or_path))
     texts = generate_texts(model, tok, encode_prompts(tok, [e.prompt for e in exs]), gen_kwargs=gk, batch_size=64)
     len_ok, exact, per = 0, 0, {}
+    aligned: dict[str, list[int]] = {}  # operand widths equal / different -> [units right, exact, n]
     for e, t in zip(exs, texts):
         a, p = slots(task, e.answer), slots(task, t)
         len_ok += len(a) == len(p)
@@ -45,8 +47,36 @@ def diagnose(model, tok, task: str, n: int, split: str = "val") -> dict:
         for i, s in enumerate(a):
             hit, tot = per.get(i, (0, 0))
             per[i] = (hit + (i < len(p) and p[i] == s), tot + 1)
-    return {"length_ok": 100 * len_ok / n, "exact": 100 * exact / n,
-            "slot_acc": {i: round(100 * h / c, 1) for i, (h, c) in sorted(per.items())}}
+        ops = re.fullmatch(r"Q: (\d+)[+*-](\d+)=\? A:", e.prompt)
+        if ops:
+            key = "same_width" if len(ops.group(1)) == len(ops.group(2)) else "different_width"
+            acc = aligned.setdefault(key, [0, 0, 0])
+            acc[0] += bool(p) and p[0] == a[0]
+            acc[1] += t.strip() == e.answer.strip()
+            acc[2] += 1
+    out = {"length_ok": 100 * len_ok / n, "exact": 100 * exact / n,
+           "slot_acc": {i: round(100 * h / c, 1) for i, (h, c) in sorted(per.items())}}
+    if aligned:
+        # equal operand widths line the units digits up at the same offset from the operator: if
+        # the units digit is right there and not otherwise, locating digits is what is missing
+        out["by_operand_width"] = {k: {"units_acc": round(100 * u / c, 1), "exact": round(100 * x / c, 1), "n": c}
+                                   for k, (u, x, c) in sorted(aligned.items())}
+    return out
+
+
+def one_digit_sums(model, tok) -> dict:
+    """All 100 sums a+b of single digits: exact and off-by-one rates (%). Separates "has a
+    magnitude estimate" from "has the addition table"."""
+    pairs = [(a, b) for a in range(10) for b in range(10)]
+    gk = default_gen_kwargs(model, generation_config=load_generation_config(model.name_or_path))
+    texts = generate_texts(model, tok, encode_prompts(tok, [f"Q: {a}+{b}=? A:" for a, b in pairs]),
+                           gen_kwargs=gk, batch_size=100)
+    exact = near = 0
+    for (a, b), t in zip(pairs, texts):
+        got = int(t.strip()) if t.strip().isdigit() else None
+        exact += got == a + b
+        near += got is not None and abs(got - (a + b)) <= 1
+    return {"exact": float(exact), "within_one": float(near), "n": len(pairs)}
 
 
 def main() -> None:
@@ -59,6 +89,7 @@ def main() -> None:
     model, tok = load_pretrained(args.model), load_tokenizer(args.model)
     model.name_or_path = args.model
     out = {t: diagnose(model, tok, t, args.n) for t in TASKS}
+    out["one_digit_sums"] = one_digit_sums(model, tok)
     for t, r in out.items():
         print(t, json.dumps(r))
     if args.json:
