@@ -583,7 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()  # the report's "this call" includes the workers
     if a.jobs < 1:
         raise SystemExit(f"--jobs must be >= 1, got {a.jobs}")
-    if a.jobs > 1 and len(scale.models) > 1:
+    use_workers = a.jobs > 1 and len(scale.models) > 1
+    if use_workers:
         raw = list(sys.argv[1:] if argv is None else argv)
         groups = [scale.models[i::a.jobs] for i in range(min(a.jobs, len(scale.models)))]
         # later flags win in argparse: each worker gets its models, one thread, no report
@@ -606,8 +607,8 @@ def main(argv: list[str] | None = None) -> int:
     missing: list[tuple[str, str, int]] = []
     for i, key in enumerate(plan):
         cached = runner.path(*key).is_file()
-        after_workers = a.jobs > 1 and len(scale.models) > 1  # what the workers did not finish stays missing
-        if not cached and (after_workers or (a.deadline_min is not None and time.perf_counter() - t0 > 60 * a.deadline_min)):
+        # after workers, what they did not finish stays missing rather than being run here
+        if not cached and (use_workers or (a.deadline_min is not None and time.perf_counter() - t0 > 60 * a.deadline_min)):
             missing.append(key)
             continue
         r0 = time.perf_counter()

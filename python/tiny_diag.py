@@ -33,17 +33,18 @@ def slots(task: str, text: str) -> list[str]:
     return list(reversed(text))
 
 
-def diagnose(model, tok, task: str, n: int, split: str = "val") -> dict:
-    """Length-match rate, per-slot accuracy (slots 0..), exact match (all in %)."""
+def diagnose(model, tok, task: str, n: int, gk: dict, split: str = "val") -> dict:
+    """Length-match rate, per-slot accuracy (slots 0..), exact match (all in %); ``gk`` = the
+    sampler settings."""
     exs = make_examples(task, split, n, seed=0)
-    gk = default_gen_kwargs(model, generation_config=load_generation_config(model.name_or_path))
     texts = generate_texts(model, tok, encode_prompts(tok, [e.prompt for e in exs]), gen_kwargs=gk, batch_size=64)
     len_ok, exact, per = 0, 0, {}
     aligned: dict[str, list[int]] = {}  # operand widths equal / different -> [units right, exact, n]
     for e, t in zip(exs, texts):
         a, p = slots(task, e.answer), slots(task, t)
+        right = t.strip() == e.answer.strip()
         len_ok += len(a) == len(p)
-        exact += t.strip() == e.answer.strip()
+        exact += right
         for i, s in enumerate(a):
             hit, tot = per.get(i, (0, 0))
             per[i] = (hit + (i < len(p) and p[i] == s), tot + 1)
@@ -52,7 +53,7 @@ def diagnose(model, tok, task: str, n: int, split: str = "val") -> dict:
             key = "same_width" if len(ops.group(1)) == len(ops.group(2)) else "different_width"
             acc = aligned.setdefault(key, [0, 0, 0])
             acc[0] += bool(p) and p[0] == a[0]
-            acc[1] += t.strip() == e.answer.strip()
+            acc[1] += right
             acc[2] += 1
     out = {"length_ok": 100 * len_ok / n, "exact": 100 * exact / n,
            "slot_acc": {i: round(100 * h / c, 1) for i, (h, c) in sorted(per.items())}}
@@ -64,11 +65,10 @@ def diagnose(model, tok, task: str, n: int, split: str = "val") -> dict:
     return out
 
 
-def one_digit_sums(model, tok) -> dict:
+def one_digit_sums(model, tok, gk: dict) -> dict:
     """All 100 sums a+b of single digits: exact and off-by-one rates (%). Separates "has a
     magnitude estimate" from "has the addition table"."""
     pairs = [(a, b) for a in range(10) for b in range(10)]
-    gk = default_gen_kwargs(model, generation_config=load_generation_config(model.name_or_path))
     texts = generate_texts(model, tok, encode_prompts(tok, [f"Q: {a}+{b}=? A:" for a, b in pairs]),
                            gen_kwargs=gk, batch_size=100)
     exact = near = 0
@@ -87,9 +87,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     model, tok = load_pretrained(args.model), load_tokenizer(args.model)
-    model.name_or_path = args.model
-    out = {t: diagnose(model, tok, t, args.n) for t in TASKS}
-    out["one_digit_sums"] = one_digit_sums(model, tok)
+    gk = default_gen_kwargs(model, generation_config=load_generation_config(args.model))
+    out = {t: diagnose(model, tok, t, args.n, gk) for t in TASKS}
+    out["one_digit_sums"] = one_digit_sums(model, tok, gk)
     for t, r in out.items():
         print(t, json.dumps(r))
     if args.json:

@@ -44,23 +44,30 @@ def plot_lag_ccdf(curves: Sequence[tuple[str, dict[str, list]]], path: str | os.
     return _save(fig, path)
 
 
+def _grouped_rate_bars(ax: Any, series: Sequence[tuple[str, Sequence[float | None]]], **bar_kw: Any) -> int:
+    """One bar per (series, bin), bins side by side; rates in [0, 1] drawn as %. Returns the
+    number of series (for colour offsets)."""
+    n = max(len(series), 1)
+    width = 0.8 / n
+    for k, (label, rates) in enumerate(series):
+        xs = [i + (k - (n - 1) / 2) * width for i in range(len(rates))]
+        ax.bar(xs, [100.0 * (r or 0.0) for r in rates], width=width, label=label, **bar_kw)
+    ax.set_ylabel("flip rate (%)")
+    ax.grid(axis="y", alpha=0.3)
+    return n
+
+
 def plot_flips_by_decile(series: Sequence[tuple[str, Sequence[float | None]]], path: str | os.PathLike[str],
                          title: str = "frontier flip rate by step decile") -> str:
     """Grouped bars of the flip rate (%) per decoding-step decile, one group per decile."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    n = max(len(series), 1)
-    width = 0.8 / n
-    for k, (label, rates) in enumerate(series):
-        xs = [d + (k - (n - 1) / 2) * width for d in range(len(rates))]
-        ax.bar(xs, [100.0 * (r or 0.0) for r in rates], width=width, label=label)
+    _grouped_rate_bars(ax, series)
     ax.set_xticks(range(10))
     ax.set_xticklabels([f"{10 * d}-{10 * d + 10}%" for d in range(10)], rotation=45, fontsize=7)
     ax.set_xlabel("decoding step (share of T)")
-    ax.set_ylabel("flip rate (%)")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
 
@@ -71,16 +78,8 @@ def plot_flips_by_position(series: Sequence[tuple[str, Sequence[float | None]]],
     over the same window, to see whether the prior weighs the positions that flip."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    n = max(len(series), 1)
-    width = 0.8 / n
-    k_max = 0
-    for k, (label, rates) in enumerate(series):
-        xs = [i + (k - (n - 1) / 2) * width for i in range(len(rates))]
-        ax.bar(xs, [100.0 * (r or 0.0) for r in rates], width=width, label=label, alpha=0.8)
-        k_max = max(k_max, len(rates))
+    n = _grouped_rate_bars(ax, series, alpha=0.8)
     ax.set_xlabel("generation position")
-    ax.set_ylabel("flip rate (%)")
-    ax.grid(axis="y", alpha=0.3)
     if priors:
         ax2 = ax.twinx()
         for j, (label, w) in enumerate(priors):
