@@ -112,5 +112,5 @@ def test_probe_prior_runs_the_sampler() -> None:
     prompts = torch.randint(0, 70, (3, 8), generator=torch.Generator().manual_seed(0))
     pr = probe_prior(m, prompts, n_probe=4, gen_length=8, block_length=4, batch_size=2, progress=False)
     assert pr.weights.shape == (8,) and float(pr.weights.min()) >= 0.1
-    assert pr.settings["n_probe"] == 4 and pr.settings["policy"] == "random-commit"
+    assert pr.settings["n_probe"] == 4 and pr.settings["policy"] == "random"
     torch.testing.assert_close(pr.weights.mean(), torch.tensor(1.0), rtol=0, atol=0.1)

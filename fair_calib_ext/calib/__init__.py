@@ -3,11 +3,33 @@
 from __future__ import annotations
 
 from .checkpoint import load_quantized, save_quantized
+from .data import CalibData, build_aligned_data, build_stream_data, position_weights
 from .layerwise import calibrate, weighted_loss, weighted_mse
 from .methods import MethodConfig, parse_method
-from .prior import PositionPrior, accumulate_trace, finalize_prior, probe_prior
+from .prior import (
+    DEFAULT_PRIOR,
+    PRIOR_PRESETS,
+    PositionPrior,
+    PriorSpec,
+    ProbeStats,
+    accumulate_trace,
+    finalize_prior,
+    prior_spec,
+    probe_prior,
+    probe_stats,
+)
 
 __all__ = [
+    "CalibData",
+    "DEFAULT_PRIOR",
+    "PRIOR_PRESETS",
+    "PriorSpec",
+    "ProbeStats",
+    "build_aligned_data",
+    "build_stream_data",
+    "position_weights",
+    "prior_spec",
+    "probe_stats",
     "MethodConfig",
     "PositionPrior",
     "accumulate_trace",

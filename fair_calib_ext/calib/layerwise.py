@@ -24,6 +24,7 @@ import json
 import os
 import resource
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +34,7 @@ from torch import nn
 from ..quant.gptq import GPTQ
 from ..quant.modules import PendingLinear, QuantLinear, kernels_available
 from ..quant.quantizer import quantize_ref
+from .data import CalibData, position_weights
 from .methods import BlockContext, MethodConfig, _linears, _pending_plain, get_transform
 
 __all__ = ["calibrate", "weighted_mse", "weighted_loss", "peak_memory_mb", "quantized_specs"]
@@ -53,9 +55,10 @@ def weighted_mse(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Ten
 
 
 def weighted_loss(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Normalised loss Σ w‖Δ‖² / (B·D·Σw); equals plain MSE when w ≡ 1."""
-    bsz = a.numel() // (a.shape[-1] * a.shape[-2])
-    return weighted_mse(a, b, w) / (bsz * a.shape[-1] * w.sum())
+    """Normalised loss Σ w‖Δ‖² / (D·Σw), with w [S] (shared by the batch) or [B, S] (per
+    sample) broadcast over a's leading dims; equals plain MSE when w ≡ 1."""
+    total_w = w.expand(a.shape[:-1]).sum()
+    return weighted_mse(a, b, w) / (a.shape[-1] * total_w)
 
 
 def peak_memory_mb(device: torch.device | str = "cpu") -> dict[str, float]:
@@ -102,7 +105,7 @@ def _loss_over(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, w: torch.Tens
         for i in range(0, x.shape[0], batch_size):
             out = layer(x[i:i + batch_size].to(device, torch.float32), **kw).float()
             tgt = y[i:i + batch_size].to(device, torch.float32)
-            tot += float(weighted_loss(out, tgt, w.to(device))) * out.shape[0]
+            tot += float(weighted_loss(out, tgt, w[i:i + batch_size].to(device))) * out.shape[0]
     return tot / x.shape[0]
 
 
@@ -189,7 +192,7 @@ def _norm_like_to(layer: nn.Module, dtype: torch.dtype) -> None:
 def calibrate(
     model: nn.Module,
     method: str | MethodConfig,
-    data: torch.Tensor,
+    data: "torch.Tensor | CalibData",
     prior: Any = None,
     *,
     device: str | torch.device = "cpu",
@@ -202,8 +205,11 @@ def calibrate(
 ) -> nn.Module:
     """Quantize ``model`` in place, block by block, and return it.
 
-    data: LongTensor [n, S] of fully visible calibration sequences (no padding).
-    prior: a PositionPrior (FAIR-Calib) or None/uniform. method: name or MethodConfig.
+    data: LongTensor [n, S] of fully visible calibration sequences (no padding), or a
+    :class:`~fair_calib_ext.calib.data.CalibData` ((prompt, continuation) rows: the prior is
+    aligned to each continuation, see :func:`~fair_calib_ext.calib.data.position_weights`).
+    prior: a PositionPrior (FAIR-Calib), a tensor of weights [S] or [n, S], or None (uniform).
+    method: name or MethodConfig.
     run_dir: checkpoint after every block; an existing run with the same config and data
     resumes from its last finished block. ``stop_after``: return after that many blocks
     (used to test resumption). Only the current block is moved to ``device``; activations
@@ -211,16 +217,28 @@ def calibrate(
     """
     cfg = method if isinstance(method, MethodConfig) else MethodConfig(method=method)
     device = torch.device(device)
-    if data.dim() != 2 or data.dtype != torch.long:
-        raise ValueError(f"data must be a LongTensor [n, S], got {tuple(data.shape)} {data.dtype}")
-    if prior is None:
-        pos_w = torch.ones(data.shape[1])
-    elif isinstance(prior, torch.Tensor):
+    cdata = data if isinstance(data, CalibData) else None
+    if cdata is not None:
+        data = cdata.ids
+    if not isinstance(data, torch.Tensor) or data.dim() != 2 or data.dtype != torch.long:
+        raise ValueError(f"data must be a LongTensor [n, S] or CalibData, got {getattr(data, 'shape', type(data))}")
+    if cfg.transform == "fair" and prior is None:
+        warnings.warn("calibrate(..., 'fair') without a prior: every position gets weight 1 (uniform); "
+                      "pass a PositionPrior from probe_prior()", stacklevel=2)
+    if isinstance(prior, torch.Tensor):
         pos_w = prior.float()
+    elif cdata is not None:
+        pos_w = position_weights(prior, cdata)
+    elif prior is None:
+        pos_w = torch.ones(data.shape[1])
     else:
         pos_w = prior.to_positions(data.shape[1])
-    if pos_w.shape != (data.shape[1],):
-        raise ValueError(f"position weights {tuple(pos_w.shape)} do not match seqlen {data.shape[1]}")
+    if pos_w.shape not in ((data.shape[1],), tuple(data.shape)):
+        raise ValueError(f"position weights {tuple(pos_w.shape)} match neither seqlen {data.shape[1]} "
+                         f"nor data {tuple(data.shape)}")
+    if not bool(torch.isfinite(pos_w).all()) or bool((pos_w < 0).any()) or float(pos_w.sum()) <= 0:
+        raise ValueError("position weights must be finite, >= 0 and not all zero")
+    pos_w = pos_w.expand(data.shape).contiguous()  # [n, S]: one row per calibration sample
     bs = batch_size or cfg.batch_size
     log = log or (lambda rec: None)
     transform = get_transform(cfg)

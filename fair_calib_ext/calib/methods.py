@@ -109,7 +109,7 @@ class BlockContext:
     index: int
     x_student: torch.Tensor
     y_target: torch.Tensor
-    pos_weights: torch.Tensor  # [S]
+    pos_weights: torch.Tensor  # [n, S], row i weights sample i
     layer_kwargs: dict[str, Any]
     device: torch.device
     model_config: Any
@@ -330,7 +330,7 @@ def train_block(layer: nn.Module, blk: FlatBlock, ctx: BlockContext, cfg: Method
             y = ctx.y_target[idx].to(ctx.device, torch.float32)
             with torch.enable_grad():
                 out = layer(x, **ctx.layer_kwargs)
-                loss = ctx.loss_fn(out.float(), y, w)
+                loss = ctx.loss_fn(out.float(), y, w[idx.to(w.device)] if w.dim() == 2 else w)
                 opt.zero_grad(set_to_none=True)
                 (loss / loss.detach().clamp(min=1e-30)).backward()
             opt.step()

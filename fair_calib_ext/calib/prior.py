@@ -25,6 +25,7 @@ earlier positions get the floor (``uniform``: ones everywhere).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -35,15 +36,16 @@ from typing import Any, Sequence
 import torch
 
 __all__ = ["PositionPrior", "accumulate_trace", "finalize_prior", "probe_prior", "lambda0",
-           "PRIOR_MODES", "LAMBDA0_SCHEDULES", "RELIABILITY"]
+           "PRIOR_MODES", "LAMBDA0_SCHEDULES", "RELIABILITY", "PriorSpec", "PRIOR_PRESETS", "DEFAULT_PRIOR",
+           "prior_spec", "ProbeStats", "probe_stats", "PROBE_POLICIES", "COMBINE", "rtn_student"]
 
 PRIOR_MODES = ("both", "frontier", "masked", "uniform")
 LAMBDA0_SCHEDULES = ("early", "flat", "late", "exp")
 RELIABILITY = ("prob", "neg_entropy", "margin")
 
 
-def lambda0(t: int, steps: int, schedule: str = "early") -> float:
-    """λ0(t) for the global step t in 1..T."""
+def lambda0(t: int, steps: int, schedule: str = "early", rate: float = 3.0) -> float:
+    """λ0(t) for the global step t in 1..T (``rate``: the decay of ``exp``)."""
     if schedule == "early":
         return (steps - t + 1) / steps
     if schedule in ("flat", "const"):
@@ -51,7 +53,7 @@ def lambda0(t: int, steps: int, schedule: str = "early") -> float:
     if schedule == "late":
         return t / steps
     if schedule == "exp":
-        return math.exp(-3.0 * (t - 1) / steps)
+        return math.exp(-rate * (t - 1) / steps)
     raise ValueError(f"unknown lambda0 schedule {schedule!r}; choose from {LAMBDA0_SCHEDULES}")
 
 
@@ -149,7 +151,7 @@ def _reliability(kind: str, prob: torch.Tensor, entropy: torch.Tensor, margin: t
 
 
 def accumulate_trace(trace: Any, f_acc: torch.Tensor, r_acc: torch.Tensor, *, lambda0_schedule: str = "early",
-                     reliability: str = "prob", vocab_size: int | None = None,
+                     lambda0_rate: float = 3.0, reliability: str = "prob", vocab_size: int | None = None,
                      step_offset: int = 0, total_steps: int | None = None) -> None:
     """Add one batch of rollouts (a filled Trace) into F [G] and R [G] in place.
 
@@ -162,7 +164,7 @@ def accumulate_trace(trace: Any, f_acc: torch.Tensor, r_acc: torch.Tensor, *, la
         gstep = t + 1 + step_offset
         m = trace.masked[t].bool()
         c = trace.commit[t].bool()
-        f_acc += lambda0(gstep, steps, lambda0_schedule) * c.float().sum(0)
+        f_acc += lambda0(gstep, steps, lambda0_schedule, lambda0_rate) * c.float().sum(0)
         rel = _reliability(reliability, trace.prob[t].float(), trace.entropy[t].float(),
                            trace.margin[t].float(), vocab)
         mf = m.float()
@@ -175,10 +177,13 @@ def accumulate_trace(trace: Any, f_acc: torch.Tensor, r_acc: torch.Tensor, *, la
 
 def finalize_prior(f_acc: torch.Tensor, r_acc: torch.Tensor, *, mode: str = "both", lambda1: float = 1.0,
                    floor: float = 0.1, settings: dict[str, Any] | None = None,
-                   outside: float | None = None) -> PositionPrior:
-    """w = F/mean F + λ1 R/mean R (or one term), mean-1 normalised, clamped below at ``floor``.
+                   outside: float | None = None, combine: str = "balanced") -> PositionPrior:
+    """w = F/mean F + λ1 R/mean R (``balanced``) or F + λ1 R (``literal``), or one term;
+    mean-1 normalised, clamped below at ``floor``.
 
     ``outside`` is the weight of the positions before the window (None: the floor)."""
+    if combine not in COMBINE:
+        raise ValueError(f"unknown combine {combine!r}; choose from {COMBINE}")
     if outside is not None and not (math.isfinite(outside) and outside >= 0):
         raise ValueError(f"outside must be a finite weight >= 0, got {outside!r}")
     if mode not in PRIOR_MODES:
@@ -188,8 +193,11 @@ def finalize_prior(f_acc: torch.Tensor, r_acc: torch.Tensor, *, mode: str = "bot
         return PositionPrior(torch.ones(k), floor=1.0, mode="uniform", settings=dict(settings or {}))
     f = f_acc.double()
     r = r_acc.double()
-    fn = f / f.mean() if f.mean() > 0 else torch.zeros_like(f)
-    rn = r / r.mean() if r.mean() > 0 else torch.zeros_like(r)
+    if combine == "balanced":
+        fn = f / f.mean() if f.mean() > 0 else torch.zeros_like(f)
+        rn = r / r.mean() if r.mean() > 0 else torch.zeros_like(r)
+    else:  # the raw sums: λ1 is a real scale between the two terms
+        fn, rn = f, r
     if mode == "both":
         w = fn + lambda1 * rn
     elif mode == "frontier":
@@ -202,72 +210,267 @@ def finalize_prior(f_acc: torch.Tensor, r_acc: torch.Tensor, *, mode: str = "bot
     return PositionPrior(w.float(), floor=floor, mode=mode, settings=dict(settings or {}), outside=outside)
 
 
-@torch.no_grad()
 def probe_prior(
     model: torch.nn.Module,
     prompts: torch.Tensor | Sequence[Sequence[int]],
+    spec: PriorSpec | None = None,
     *,
     n_probe: int = 512,
     gen_length: int = 256,
     steps: int | None = None,
     block_length: int = 32,
-    lambda0_schedule: str = "early",
-    lambda1: float = 1.0,
-    reliability: str = "prob",
-    mode: str = "both",
-    floor: float = 0.1,
-    outside: float | None = None,
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = True,
+    **spec_overrides: Any,
 ) -> PositionPrior:
-    """FP teacher rollouts with random commits → PositionPrior over K = ``gen_length`` positions.
+    """Stage I: probe the FP teacher (``spec.policy``) and build the prior over K = ``gen_length``.
 
-    prompts: LongTensor [n, P] (equal length, unpadded) or lists of ids of equal length; rollouts
-    cycle through them until ``n_probe`` are done. steps defaults to gen_length (1 commit per
-    step). Uses ``fair_calib_ext.sampling.generate(..., remasking="random", trace=Trace())``.
+    ``spec`` defaults to the preset :data:`DEFAULT_PRIOR`; keyword overrides (``mode=``,
+    ``lambda1=``, ``lambda0_schedule=`` or ``lambda0=``, ...) replace its fields.
     """
+    if "lambda0_schedule" in spec_overrides:
+        spec_overrides["lambda0"] = spec_overrides.pop("lambda0_schedule")
+    spec = dataclasses.replace(spec or PRIOR_PRESETS[DEFAULT_PRIOR],
+                               **{k: v for k, v in spec_overrides.items() if v is not None})
+    if spec.mode == "uniform":
+        return PositionPrior(torch.ones(gen_length), floor=1.0, mode="uniform", settings=spec.to_dict())
+    stats = probe_stats(model, prompts, policy=spec.policy, n_probe=n_probe, gen_length=gen_length, steps=steps,
+                        block_length=block_length, batch_size=batch_size, seed=seed, progress=progress)
+    return stats.prior(spec)
+
+
+# ---- appended: probe statistics, prior specs and presets -----------------------------------
+
+PROBE_POLICIES = ("random", "sampler", "noise")
+COMBINE = ("balanced", "literal")
+
+
+@dataclass(frozen=True)
+class PriorSpec:
+    """How a prior is made from probe statistics (everything but the rollouts themselves).
+
+    policy: ``random`` (the paper: random commits in blocks, frontier term = λ0·1[commit]);
+    ``sampler`` (the family's deployment sampler, frontier term = λ0·(1 − p1 + p2) at the
+    commit, i.e. small-margin commits count most); ``noise`` (the deployment sampler on the FP
+    teacher, frontier term = λ0·1[an RTN student's top-1 differs from the teacher's commit]).
+    combine: ``literal`` (w = F + λ1·R, the accumulation rule as written) or ``balanced``
+    (w = F/mean F + λ1·R/mean R, the first project default; flat with λ0 early, see the module
+    docstring). mode: both | frontier (R off) | masked (F off) | uniform.
+    """
+
+    policy: str = "random"
+    mode: str = "both"
+    combine: str = "literal"
+    lambda0: str = "early"
+    lambda0_rate: float = 3.0
+    lambda1: float = 0.01
+    reliability: str = "prob"
+    floor: float = 0.1
+    outside: float | None = None
+
+    def __post_init__(self) -> None:
+        for name, val, allowed in (("policy", self.policy, PROBE_POLICIES), ("mode", self.mode, PRIOR_MODES),
+                                   ("combine", self.combine, COMBINE), ("lambda0", self.lambda0, LAMBDA0_SCHEDULES),
+                                   ("reliability", self.reliability, RELIABILITY)):
+            if val not in allowed:
+                raise ValueError(f"prior {name} must be one of {allowed}, got {val!r}")
+        for name, val in (("lambda0_rate", self.lambda0_rate), ("lambda1", self.lambda1), ("floor", self.floor)):
+            if not (math.isfinite(val) and val >= 0):
+                raise ValueError(f"prior {name} must be a finite number >= 0, got {val!r}")
+        if self.outside is not None and not (math.isfinite(self.outside) and self.outside >= 0):
+            raise ValueError(f"prior outside must be a finite weight >= 0, got {self.outside!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Candidate priors. The CLI default (DEFAULT_PRIOR) was chosen among the candidates whose window
+# max/min >= 1.5 on the *val* split only, by the rule in python/select_prior.py (lowest mean val
+# frontier flip rate over both embedded models; within 0.10 points, higher val accuracy).
+PRIOR_PRESETS: dict[str, PriorSpec] = {
+    "balanced": PriorSpec(combine="balanced", lambda1=1.0),  # the first default (flat)
+    "literal": PriorSpec(combine="literal", lambda1=0.01),
+    "literal-0.03": PriorSpec(combine="literal", lambda1=0.03),
+    "exp": PriorSpec(combine="literal", lambda1=0.01, lambda0="exp", lambda0_rate=6.0),
+    "margin": PriorSpec(combine="balanced", lambda1=1.0, reliability="margin"),
+    "sampler": PriorSpec(policy="sampler", combine="literal", lambda1=0.01),
+    "sampler-frontier": PriorSpec(policy="sampler", mode="frontier"),
+    "noise": PriorSpec(policy="noise", combine="literal", lambda1=0.01),
+}
+DEFAULT_PRIOR = "literal"
+
+
+def prior_spec(preset: str = DEFAULT_PRIOR, **overrides: Any) -> PriorSpec:
+    """A preset with some fields replaced (``None`` overrides are ignored)."""
+    if preset not in PRIOR_PRESETS:
+        raise ValueError(f"unknown prior preset {preset!r}; choose from {sorted(PRIOR_PRESETS)}")
+    return dataclasses.replace(PRIOR_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass
+class ProbeStats:
+    """Per-rollout, per-position Stage I statistics [N, K]: enough to build any PriorSpec of the
+    same policy (and any prefix of the rollouts) without probing again."""
+
+    policy: str
+    steps: int
+    commit_step: torch.Tensor  # 1-based global step at which position i was committed (0: never)
+    frontier: torch.Tensor  # the policy's per-commit fragility (1, 1 − margin, or disagreement)
+    masked_rel: dict[str, torch.Tensor]  # Σ over masked steps of c̃ for each reliability kind
+    settings: dict[str, Any] = field(default_factory=dict)
+    time_s: float = 0.0
+
+    @property
+    def n(self) -> int:
+        return int(self.commit_step.shape[0])
+
+    def accumulators(self, spec: PriorSpec, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(F, R) [K] over the first ``n`` rollouts."""
+        n = self.n if n is None else n
+        cs = self.commit_step[:n]
+        lam = torch.tensor([0.0] + [lambda0(t, self.steps, spec.lambda0, spec.lambda0_rate)
+                                    for t in range(1, self.steps + 1)], dtype=torch.float64)
+        f = (lam[cs] * self.frontier[:n].double()).sum(0)
+        r = self.masked_rel[spec.reliability][:n].double().sum(0)
+        return f, r
+
+    def prior(self, spec: PriorSpec, n: int | None = None) -> "PositionPrior":
+        if spec.policy != self.policy:
+            raise ValueError(f"these statistics come from the {self.policy!r} probe, the spec asks for {spec.policy!r}")
+        f, r = self.accumulators(spec, n)
+        settings = {**self.settings, **spec.to_dict(), "n_probe": self.n if n is None else n}
+        return finalize_prior(f, r, mode=spec.mode, lambda1=spec.lambda1, floor=spec.floor, settings=settings,
+                              outside=spec.outside, combine=spec.combine)
+
+
+def _stats_from_trace(trace: Any, vocab: int, student_top1: list[torch.Tensor] | None, policy: str
+                      ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    steps = len(trace.masked)
+    b, g = trace.masked[0].shape
+    commit_step = torch.zeros(b, g, dtype=torch.long)
+    frontier = torch.zeros(b, g, dtype=torch.float32)
+    rel = {k: torch.zeros(b, g, dtype=torch.float64) for k in RELIABILITY}
+    for t in range(steps):
+        m = trace.masked[t].bool()
+        c = trace.commit[t].bool()
+        commit_step[c] = t + 1
+        if policy == "random":
+            frontier[c] = 1.0
+        elif policy == "sampler":
+            frontier[c] = (1.0 - trace.margin[t].float()).clamp(0, 1)[c]
+        else:
+            frontier[c] = (student_top1[t] != trace.tokens[t]).float()[c]
+        mf = m.double()
+        cnt = mf.sum(1, keepdim=True)
+        for k in RELIABILITY:
+            c_ = _reliability(k, trace.prob[t].double(), trace.entropy[t].double(), trace.margin[t].double(), vocab)
+            mean = (c_ * mf).sum(1, keepdim=True) / cnt.clamp(min=1)
+            ok = (cnt > 0) & (mean.abs() > 0)
+            rel[k] += torch.where(ok, c_ / torch.where(ok, mean, torch.ones_like(mean)), torch.zeros_like(c_)) * mf
+    return commit_step, frontier, rel
+
+
+@torch.no_grad()
+def probe_stats(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]] | torch.Tensor,
+    *,
+    policy: str = "random",
+    n_probe: int = 512,
+    gen_length: int = 256,
+    steps: int | None = None,
+    block_length: int = 32,
+    batch_size: int = 8,
+    seed: int = 0,
+    student: torch.nn.Module | None = None,
+    progress: bool = True,
+) -> ProbeStats:
+    """Stage I rollouts of the FP teacher → :class:`ProbeStats` over K = ``gen_length`` positions.
+
+    prompts: token-id lists (any lengths; batched by length, left-padded with an attention mask
+    where lengths differ), cycled until ``n_probe`` rollouts are done. ``random``: random commits
+    in blocks of ``block_length``, one per step by default (the paper's probe). ``sampler`` /
+    ``noise``: the model family's own decoding defaults (LLaDA low-confidence, Dream entropy) with
+    ``steps`` (default K). ``noise`` also runs ``student`` (default: an RTN W4A4 copy of the teacher)
+    on every teacher state and records whether its top-1 differs from the teacher's commit.
+    """
+    import time as _time
+
+    from ..eval.accuracy import default_gen_kwargs, length_buckets, pad_batch
     from ..sampling import Trace, generate
 
-    if mode not in PRIOR_MODES:
-        raise ValueError(f"unknown prior mode {mode!r}; choose from {PRIOR_MODES}")
-    if reliability not in RELIABILITY:
-        raise ValueError(f"unknown reliability {reliability!r}; choose from {RELIABILITY}")
-    lambda0(1, 1, lambda0_schedule)  # validates the name
-    p = prompts if isinstance(prompts, torch.Tensor) else torch.tensor([list(x) for x in prompts])
-    if p.dim() != 2 or p.shape[0] == 0:
-        raise ValueError("prompts must be a non-empty [n, P] batch of token ids")
+    if policy not in PROBE_POLICIES:
+        raise ValueError(f"unknown probe policy {policy!r}; choose from {PROBE_POLICIES}")
+    if n_probe < 1 or gen_length < 1 or batch_size < 1:
+        raise ValueError(f"n_probe, gen_length and batch_size must be >= 1, got {n_probe}, {gen_length}, {batch_size}")
+    plist = [list(map(int, p)) for p in (prompts.tolist() if isinstance(prompts, torch.Tensor) else prompts)]
+    if not plist or any(len(p) == 0 for p in plist):
+        raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
+    t0 = _time.perf_counter()
     steps = steps or gen_length
-    block_length = min(block_length, gen_length)
-    settings = {"n_probe": n_probe, "gen_length": gen_length, "steps": steps, "block_length": block_length,
-                "lambda0": lambda0_schedule, "lambda1": lambda1, "reliability": reliability,
-                "prior": mode, "floor": floor, "outside": outside, "seed": seed, "policy": "random-commit",
-                "prompt_len": int(p.shape[1])}
-    if mode == "uniform":
-        return PositionPrior(torch.ones(gen_length), floor=1.0, mode="uniform", settings=settings)
+    if policy == "random":
+        block_length = min(block_length, gen_length)
+        gkw: dict[str, Any] = {"block_length": block_length, "remasking": "random", "schedule": "llada"}
+    else:
+        d = default_gen_kwargs(model, gen_length=gen_length, steps=steps,
+                               generation_config=getattr(model, "generation_config", {}))
+        gkw = {"block_length": d["block_length"], "remasking": d["remasking"]}
+    if policy == "noise" and student is None:
+        student = rtn_student(model)
+    order = [plist[i % len(plist)] for i in range(n_probe)]
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    f_acc = torch.zeros(gen_length, dtype=torch.float64)
-    r_acc = torch.zeros(gen_length, dtype=torch.float64)
+    pad = int(getattr(model.config, "pad_token_id", 0) or 0)
     vocab = model.config.vocab_size
-    done = 0
+    dev = next(model.parameters()).device
+    parts: list[tuple[list[int], torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = []
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n_probe, desc="probe prior")
-    while done < n_probe:
-        b = min(batch_size, n_probe - done)
-        idx = torch.arange(done, done + b) % p.shape[0]
-        trace = Trace()
-        generate(model, p[idx].to(model.device), gen_length=gen_length, steps=steps,
-                 block_length=block_length, temperature=0.0, remasking="random", trace=trace, schedule="llada",
-                 generator=gen)
-        accumulate_trace(trace, f_acc, r_acc, lambda0_schedule=lambda0_schedule, reliability=reliability,
-                         vocab_size=vocab, total_steps=steps)
-        done += b
+        bar = tqdm(total=n_probe, desc=f"probe prior ({policy})")
+    for idx in length_buckets(order, batch_size):
+        x, mask = pad_batch([order[i] for i in idx], pad, dev)
+        tr = Trace()
+        generate(model, x, gen_length=gen_length, steps=steps, temperature=0.0, trace=tr, generator=gen,
+                 attention_mask=mask, **gkw)
+        s_top1 = None
+        if policy == "noise":
+            s_top1 = []
+            full_mask = None if mask is None else torch.cat([mask, torch.ones(mask.shape[0], gen_length, dtype=mask.dtype,
+                                                                               device=mask.device)], 1)
+            for t in range(len(tr.canvas)):
+                state = torch.cat([x, tr.canvas[t].to(dev)], 1)
+                lg = student.denoise_logits(state, full_mask)[:, x.shape[1]:]
+                s_top1.append(lg.argmax(-1).cpu())
+        cs, fr, rel = _stats_from_trace(tr, vocab, s_top1, policy)
+        parts.append((idx, cs, fr, rel))
         if bar is not None:
-            bar.update(b)
+            bar.update(len(idx))
     if bar is not None:
         bar.close()
-    return finalize_prior(f_acc, r_acc, mode=mode, lambda1=lambda1, floor=floor, settings=settings,
-                          outside=outside)
+    # back to the rollout order, so that the first n rollouts are a fixed prefix for any n
+    n = len(order)
+    cs_all = torch.zeros(n, gen_length, dtype=torch.long)
+    fr_all = torch.zeros(n, gen_length)
+    rel_all = {k: torch.zeros(n, gen_length, dtype=torch.float64) for k in RELIABILITY}
+    for idx, cs, fr, rel in parts:
+        it = torch.tensor(idx)
+        cs_all[it], fr_all[it] = cs, fr
+        for k in RELIABILITY:
+            rel_all[k][it] = rel[k]
+    settings = {"policy": policy, "gen_length": gen_length, "steps": steps, "seed": seed,
+                "sampler": {k: v for k, v in gkw.items()}, "n_prompts": len(plist)}
+    return ProbeStats(policy, steps, cs_all, fr_all, rel_all, settings, _time.perf_counter() - t0)
+
+
+def rtn_student(model: torch.nn.Module) -> torch.nn.Module:
+    """A W4A4 RTN copy of ``model`` (no data needed) for the noise-aware probe."""
+    import copy
+
+    from .layerwise import calibrate
+
+    st = copy.deepcopy(model)
+    calibrate(st, "rtn", torch.zeros(1, 2, dtype=torch.long), None, device=next(model.parameters()).device,
+              progress=False)
+    return st

@@ -52,17 +52,18 @@ def expand_tasks(names: Sequence[str]) -> tuple[list[str], bool, bool]:
     return suite, ppl, metrics
 
 
-def metric_prompts(n: int, seed: int) -> list[str]:
-    """``n`` test-split prompts, the six tasks interleaved (the mechanism-metric prompt set)."""
+def metric_prompts(n: int, seed: int, split: str = "test") -> list[str]:
+    """``n`` prompts of ``split``, the six tasks interleaved (the mechanism-metric prompt set)."""
     from .tasks import TASKS, make_examples
 
     per = -(-n // len(TASKS)) if n else 0
-    pools = {t: make_examples(t, "test", per, seed=seed) for t in TASKS}
+    pools = {t: make_examples(t, split, per, seed=seed) for t in TASKS}
     return [pools[TASKS[i % len(TASKS)]][i // len(TASKS)].prompt for i in range(n)]
 
 
-def _suite(model, tokenizer, tasks, n, seed, gen_kwargs, batch_size, prefix, ctx, progress) -> dict[str, Any]:
-    examples = task_examples(tasks, n, seed)
+def _suite(model, tokenizer, tasks, n, seed, gen_kwargs, batch_size, prefix, ctx, progress,
+           split="test") -> dict[str, Any]:
+    examples = task_examples(tasks, n, seed, split=split)
     idx, mine = shard(examples, ctx)
     ids = encode_prompts(tokenizer, [e.prompt for e in mine], prefix)
     texts = generate_texts(model, tokenizer, ids, gen_kwargs=gen_kwargs, batch_size=batch_size,
@@ -70,6 +71,7 @@ def _suite(model, tokenizer, tasks, n, seed, gen_kwargs, batch_size, prefix, ctx
     correct = gather_indexed(idx, score_predictions(mine, texts), ctx)
     preds = gather_indexed(idx, texts, ctx)
     out = summarize_accuracy(tasks, examples, correct)
+    out["correct"] = "".join("1" if c else "0" for c in correct)  # per example, for paired statistics
     out["samples"] = [{"task": e.task, "prompt": e.prompt, "answer": e.answer.strip(), "prediction": p}
                       for e, p in list(zip(examples, preds))[: 3 * len(tasks)]]
     return out
@@ -91,10 +93,11 @@ def _ppl(model, tokenizer, n, seed, mc_num, batch_size, ctx, progress) -> dict[s
     return out
 
 
-def _metrics(model, teacher, tokenizer, n, seed, gen_kwargs, batch_size, prefix, ctx, progress) -> dict[str, Any]:
+def _metrics(model, teacher, tokenizer, n, seed, gen_kwargs, batch_size, prefix, ctx, progress,
+             split="test") -> dict[str, Any]:
     from fair_calib_ext.metrics import mechanism_records, merge_records, summarize_mechanism
 
-    prompts = metric_prompts(n, seed)
+    prompts = metric_prompts(n, seed, split)
     idx, mine = shard(prompts, ctx)
     ids = encode_prompts(tokenizer, mine, prefix)
     device = next(model.parameters()).device
@@ -106,14 +109,22 @@ def _metrics(model, teacher, tokenizer, n, seed, gen_kwargs, batch_size, prefix,
 
         it = tqdm(batches, desc="metrics", leave=False)
     pad = _pad_id(model, tokenizer)
+    per_prompt: dict[int, tuple[int, int]] = {}  # local prompt index -> (flips, commits)
     for b in it:
         x, mask = pad_batch([ids[i] for i in b], pad, device)
-        parts.append(mechanism_records(teacher, model, x, attention_mask=mask, gen_kwargs=gen_kwargs))
+        rec = mechanism_records(teacher, model, x, attention_mask=mask, gen_kwargs=gen_kwargs)
+        parts.append(rec)
+        fl = torch.bincount(rec.flips.row, weights=rec.flips.flip.double(), minlength=len(b))
+        cm = torch.bincount(rec.flips.row, minlength=len(b))
+        for j, i in enumerate(b):
+            per_prompt[idx[i]] = (int(fl[j]), int(cm[j]))
     gathered = [p for part in gather(parts, ctx) for p in part]
+    pp = dict(kv for part in gather(list(per_prompt.items()), ctx) for kv in part)
     if not gathered:
         raise ValueError("no prompts for the mechanism metrics (n must be >= 1)")
     out = summarize_mechanism(merge_records(gathered))
     out["n_prompts"] = len(prompts)
+    out["flips"]["per_prompt"] = [list(pp[i]) for i in range(len(prompts))]  # [flips, commits] per prompt
     return out
 
 
@@ -130,6 +141,7 @@ def evaluate_model(
     n_ppl: int | None = None,
     n_metrics: int = 32,
     seed: int = 0,
+    split: str = "test",
     mc_num: int = 128,
     batch_size: int = 32,
     gen_kwargs: dict[str, Any],
@@ -141,16 +153,18 @@ def evaluate_model(
 
     ``teacher`` is the full-precision model for the mechanism metrics (default: ``model`` itself,
     which gives the FP reference row: no flips, the teacher's own mismatch and lag).
+    ``split`` selects the task and metric prompts (``val`` for choosing defaults, ``test`` to report).
     """
     ctx = ctx or DistContext()
     out: dict[str, Any] = {}
     t0 = time.perf_counter()
     if tasks:
-        out["tasks"] = _suite(model, tokenizer, list(tasks), n, seed, gen_kwargs, batch_size, prompt_prefix, ctx, progress)
+        out["tasks"] = _suite(model, tokenizer, list(tasks), n, seed, gen_kwargs, batch_size, prompt_prefix, ctx, progress,
+                              split)
     if want_ppl:
         out["ppl"] = _ppl(model, tokenizer, n_ppl or n, seed, mc_num, batch_size, ctx, progress)
     if want_metrics:
         out["metrics"] = _metrics(model, teacher if teacher is not None else model, tokenizer, n_metrics, seed,
-                                  gen_kwargs, batch_size, prompt_prefix, ctx, progress)
+                                  gen_kwargs, batch_size, prompt_prefix, ctx, progress, split)
     out["time_s"] = time.perf_counter() - t0
     return out

@@ -106,13 +106,15 @@ class _Records:
 class FlipRecords(_Records):
     """One entry per committed position: step [N] (0-based), n_steps [N] (T of its trajectory),
     margin [N] (teacher p1 - p2 at commit, NaN if unknown), flip [N] (bool) and position [N]
-    (0-based index in the generation window, to set flips beside the position prior)."""
+    (0-based index in the generation window, to set flips beside the position prior), row [N]
+    (the prompt's row in its batch, for per-prompt counts and paired resampling)."""
 
     step: Tensor
     n_steps: Tensor
     margin: Tensor
     flip: Tensor
     position: Tensor
+    row: Tensor
 
 
 @dataclass
@@ -172,8 +174,9 @@ def flip_records(commit: Tensor, tokens: Tensor, q_top1: Tensor, margin: Tensor 
         _check_tgb("margin", margin, commit)
     step = steps[commit]
     pos = torch.arange(commit.shape[2]).view(1, 1, -1).expand_as(commit)[commit]
+    row = torch.arange(commit.shape[1]).view(1, -1, 1).expand_as(commit)[commit]
     return FlipRecords(
-        step=step, n_steps=torch.full_like(step, T), margin=m, flip=(q_top1 != tokens)[commit], position=pos
+        step=step, n_steps=torch.full_like(step, T), margin=m, flip=(q_top1 != tokens)[commit], position=pos, row=row
     )
 
 
