@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .calib.prior import (COMBINE, DEFAULT_PRIOR, LAMBDA0_SCHEDULES, PRIOR_MODES, PRIOR_PRESETS, PROBE_POLICIES,
+                          RELIABILITY)
 
 __all__ = ["main", "build_calibration_data"]
 
@@ -35,11 +39,17 @@ class UsageError(Exception):
 
 
 def _read_texts(path: Path) -> list[str]:
+    """Plain calibration texts (a (prompt, answer) line becomes prompt + answer)."""
+    return [t if isinstance(t, str) else t[0] + t[1] for t in _read_calib_file(path)]
+
+
+def _read_calib_file(path: Path) -> list[str | tuple[str, str]]:
+    """One entry per line: a string, or a (prompt, answer) pair for {"prompt","answer"} objects."""
     if not path.is_file():
         raise UsageError(f"--calib-data {path}: file not found")
     raw = path.read_text(encoding="utf-8")
     if path.suffix in (".jsonl", ".json"):
-        texts = []
+        texts: list[str | tuple[str, str]] = []
         for ln, line in enumerate(raw.splitlines(), 1):
             if not line.strip():
                 continue
@@ -52,15 +62,22 @@ def _read_texts(path: Path) -> list[str]:
             elif isinstance(obj, dict) and "text" in obj:
                 texts.append(str(obj["text"]))
             elif isinstance(obj, dict) and "prompt" in obj and "answer" in obj:
-                texts.append(str(obj["prompt"]) + str(obj["answer"]))
+                texts.append((str(obj["prompt"]), str(obj["answer"])))
             else:
                 raise UsageError(f"--calib-data {path}:{ln}: expected a string or an object with "
                                  f"'text' or 'prompt'+'answer'")
     else:
-        texts = [t for t in raw.splitlines() if t.strip()]
+        texts = [t for t in raw.splitlines() if t.strip()]  # type: ignore[misc]
     if not texts:
         raise UsageError(f"--calib-data {path}: no text found")
     return texts
+
+
+def _default_gen_length(model: Any) -> int:
+    """The model's own generation length (generation_config.json, else the task suite's)."""
+    from .eval.accuracy import default_gen_kwargs
+
+    return int(default_gen_kwargs(model, generation_config=getattr(model, "generation_config", {}))["gen_length"])
 
 
 def build_calibration_data(tokenizer: Any, texts: list[str], nsamples: int, seqlen: int, seed: int,
@@ -104,19 +121,36 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gptq-act-order", action="store_true")
     p.add_argument("--gptq-damp", type=float, default=0.01)
     p.add_argument("--gptq-block", type=int, default=128)
-    g = p.add_argument_group("FAIR-Calib Stage I prior")
+    p.add_argument("--calib-format", default="auto", choices=("auto", "aligned", "stream"),
+                   help="aligned: (prompt, answer) samples, prior position 0 on each answer's first token; "
+                        "stream: windows of a text stream, prior on the trailing K positions; auto: aligned "
+                        "for {'prompt','answer'} data and the embedded corpus, stream for plain text")
+    g = p.add_argument_group("FAIR-Calib Stage I prior (--method fair only; unset values come from --prior-preset)")
     g.add_argument("--prior", default=None, help="load a saved prior (path without suffix or .safetensors)")
-    g.add_argument("--prior-mode", default="both", choices=("both", "frontier", "masked", "uniform"))
-    g.add_argument("--n-probe", type=int, default=512)
-    g.add_argument("--probe-gen-length", type=int, default=None, help="K; default seqlen/4 (256 at 1024)")
-    g.add_argument("--probe-steps", type=int, default=None, help="default K (one commit per step)")
-    g.add_argument("--probe-block", type=int, default=32)
-    g.add_argument("--lambda0", default="early", choices=("early", "flat", "late", "exp"))
-    g.add_argument("--lambda1", type=float, default=1.0)
-    g.add_argument("--reliability", default="prob", choices=("prob", "neg_entropy", "margin"))
-    g.add_argument("--floor", type=float, default=0.1)
+    g.add_argument("--prior-preset", default=None,
+                   help=f"candidate prior, one of {sorted(PRIOR_PRESETS)} (default {DEFAULT_PRIOR!r}, chosen on "
+                        "the val split; see README)")
+    g.add_argument("--probe-policy", default=None, choices=PROBE_POLICIES,
+                   help="random: random commits in blocks (the paper); sampler: the family's own decoding, "
+                        "fragility 1 - (p1 - p2) at each commit; noise: the family's decoding, fragility = an RTN "
+                        "student disagrees with the teacher's commit")
+    g.add_argument("--prior-mode", default=None, choices=PRIOR_MODES)
+    g.add_argument("--prior-combine", default=None, choices=COMBINE,
+                   help="literal: w = F + λ1·R; balanced: w = F/mean F + λ1·R/mean R (flat with λ0 early)")
+    g.add_argument("--lambda0", default=None, choices=LAMBDA0_SCHEDULES)
+    g.add_argument("--lambda0-rate", type=float, default=None, help="decay rate of --lambda0 exp")
+    g.add_argument("--lambda1", type=float, default=None)
+    g.add_argument("--reliability", default=None, choices=RELIABILITY)
+    g.add_argument("--floor", type=float, default=None)
     g.add_argument("--outside-weight", type=float, default=None,
-                   help="weight of the positions before the prior window (default: the floor)")
+                   help="weight of the positions outside the continuations / before the window (default: the floor)")
+    g.add_argument("--n-probe", type=int, default=512)
+    g.add_argument("--probe-gen-length", type=int, default=None,
+                   help="K; default: the model's generation length for aligned data, seqlen/4 for stream data")
+    g.add_argument("--probe-steps", type=int, default=None, help="default K (one commit per step)")
+    g.add_argument("--probe-block", type=int, default=None,
+                   help="block length of the random-commit probe (default min(32, K/3): several blocks, so that "
+                        "commit time follows position and the early boost has a shape to act on)")
     g.add_argument("--probe-batch-size", type=int, default=8)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -132,8 +166,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+_PRIOR_FLAGS = ("prior", "prior_preset", "probe_policy", "prior_mode", "prior_combine", "lambda0", "lambda0_rate",
+                "lambda1", "reliability", "floor", "outside_weight", "probe_gen_length", "probe_steps", "probe_block")
+
+
+def _prior_spec_from_args(args: argparse.Namespace) -> Any:
+    from .calib import prior_spec
+
+    try:
+        return prior_spec(args.prior_preset or DEFAULT_PRIOR, policy=args.probe_policy, mode=args.prior_mode,
+                          combine=args.prior_combine, lambda0=args.lambda0, lambda0_rate=args.lambda0_rate,
+                          lambda1=args.lambda1, reliability=args.reliability, floor=args.floor,
+                          outside=args.outside_weight)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from .calib import MethodConfig, PositionPrior, calibrate, probe_prior, save_quantized
+    from .calib import (MethodConfig, PositionPrior, build_aligned_data, build_stream_data, calibrate,
+                        probe_stats, save_quantized)
     from .calib.layerwise import peak_memory_mb
     from .models import CheckpointError, load_pretrained, load_tokenizer, resolve_model_path
     from .quant import QuantConfig
@@ -175,13 +226,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     seqlen = args.seqlen or min(1024, mc.max_position_embeddings)
     if seqlen < 2 or seqlen > mc.max_position_embeddings:
         raise UsageError(f"--seqlen {seqlen} outside [2, {mc.max_position_embeddings}] for this model")
+    if cfg.transform != "fair":
+        given = [f"--{n.replace('_', '-')}" for n in _PRIOR_FLAGS if getattr(args, n) is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)}: prior options are used by --method fair only "
+                             f"(got --method {args.method})")
+    spec = _prior_spec_from_args(args) if cfg.transform == "fair" else None
     if args.calib_data:
-        texts = _read_texts(Path(args.calib_data))
-    else:
-        from .eval.corpus import calib_texts
+        entries = _read_calib_file(Path(args.calib_data))
+        pairs = [e for e in entries if isinstance(e, tuple)]
+        if args.calib_format == "aligned" and len(pairs) != len(entries):
+            raise UsageError(f"--calib-format aligned needs {{'prompt','answer'}} objects on every line of "
+                             f"--calib-data ({len(entries) - len(pairs)} lines are plain text)")
+        fmt = "aligned" if (args.calib_format == "aligned" or (args.calib_format == "auto" and pairs
+                                                                and len(pairs) == len(entries))) else "stream"
+        texts = [e if isinstance(e, str) else e[0] + e[1] for e in entries]
+    else:  # the embedded corpus: the task suite's train split, as (prompt, answer) pairs
+        from .eval.corpus import calib_pairs
 
-        texts = calib_texts(max(2000, args.nsamples * 8), seed=args.seed)
-    data = build_calibration_data(tok, texts, args.nsamples, seqlen, args.seed, mc.eos_token_id)
+        pairs = calib_pairs(max(2000, args.nsamples * 8), seed=args.seed)
+        texts = [p_ + a_ for p_, a_ in pairs]
+        fmt = "stream" if args.calib_format == "stream" else "aligned"
+    gen_k = _default_gen_length(model)
+    k = args.probe_gen_length or (gen_k if fmt == "aligned" else max(1, seqlen // 4))
+    if k < 1 or (fmt == "stream" and k >= seqlen):
+        raise UsageError(f"--probe-gen-length {k} must be in [1, seqlen {seqlen})")
+    try:
+        if fmt == "aligned":
+            data = build_aligned_data(tok, pairs, args.nsamples, seqlen, args.seed, mc.eos_token_id, fill_to=k)
+        else:
+            data = build_stream_data(tok, texts, args.nsamples, seqlen, args.seed, mc.eos_token_id)
+    except ValueError as exc:
+        raise UsageError(f"--calib-data: {exc}") from None
 
     logs: list[dict[str, Any]] = []
     log_fh = open(args.log, "a", encoding="utf-8") if args.log else None
@@ -201,25 +277,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 prior = PositionPrior.load(args.prior)
             except (FileNotFoundError, KeyError, ValueError) as exc:
                 raise UsageError(str(exc)) from None
-        elif args.prior_mode == "uniform":
-            prior = PositionPrior.uniform()
+        elif spec.mode == "uniform":
+            prior = PositionPrior(torch.ones(k), floor=1.0, mode="uniform", settings=spec.to_dict())
         else:
-            k = args.probe_gen_length or max(1, seqlen // 4)
-            if k >= seqlen:
-                raise UsageError(f"--probe-gen-length {k} must be < seqlen {seqlen}")
             t0 = time.time()
-            pdata = build_calibration_data(tok, texts, min(args.n_probe, 512), seqlen, args.seed + 1,
-                                           mc.eos_token_id)
-            prior = probe_prior(model.to(device), pdata[:, :seqlen - k], n_probe=args.n_probe, gen_length=k,
-                                steps=args.probe_steps, block_length=args.probe_block,
-                                lambda0_schedule=args.lambda0, lambda1=args.lambda1,
-                                reliability=args.reliability, mode=args.prior_mode, floor=args.floor,
-                                outside=args.outside_weight, batch_size=args.probe_batch_size, seed=args.seed,
-                                progress=not args.no_progress)
+            if fmt == "aligned":  # probe the continuation after the same kind of prompt Stage II aligns to
+                rng = random.Random(args.seed + 1)
+                pick = [pairs[rng.randrange(len(pairs))][0] for _ in range(min(args.n_probe, 512))]
+                pprompts = [tok.encode(x, add_special_tokens=False) for x in pick]
+            else:
+                pprompts = build_stream_data(tok, texts, min(args.n_probe, 512), seqlen, args.seed + 1,
+                                             mc.eos_token_id).ids[:, :seqlen - k]
+            stats = probe_stats(model.to(device), pprompts, policy=spec.policy, n_probe=args.n_probe, gen_length=k,
+                                steps=args.probe_steps, block_length=args.probe_block or max(1, min(32, k // 3)),
+                                batch_size=args.probe_batch_size, seed=args.seed, progress=not args.no_progress)
+            prior = stats.prior(spec)
+            prior.settings["preset"] = args.prior_preset or DEFAULT_PRIOR
+            prior.settings["calib_format"] = fmt
             model.to("cpu")
             t_prior = time.time() - t0
-            log({"event": "prior", "seconds": round(t_prior, 3), "weights": prior.weights.tolist(),
-                 **prior.settings})
+            w = prior.weights
+            log({"event": "prior", "seconds": round(t_prior, 3), "weights": w.tolist(),
+                 "max_over_min": float(w.max() / w.min().clamp(min=1e-12)), **prior.settings})
         import tempfile
 
         with tempfile.TemporaryDirectory() as td:
@@ -243,6 +322,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(str(exc)) from None
     t_calib = time.time() - t0
     summary = {"event": "done", "model": str(args.model), "method": cfg.method, "bits": quant.name,
+               "calib_format": fmt,
                "nsamples": args.nsamples, "seqlen": seqlen, "epochs": cfg.epochs if cfg.learns else 0,
                "prior_seconds": round(t_prior, 2), "calib_seconds": round(t_calib, 2),
                "total_seconds": round(time.time() - t_start, 2), **peak_memory_mb(device), "out": str(out)}

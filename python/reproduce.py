@@ -43,10 +43,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fair_calib_ext.calib import MethodConfig, PositionPrior, accumulate_trace, calibrate, finalize_prior  # noqa: E402
-from fair_calib_ext.calibrate import build_calibration_data  # noqa: E402
+from fair_calib_ext.calib import (  # noqa: E402
+    DEFAULT_PRIOR,
+    PRIOR_PRESETS,
+    CalibData,
+    MethodConfig,
+    PositionPrior,
+    ProbeStats,
+    build_aligned_data,
+    build_stream_data,
+    calibrate,
+    probe_stats,
+)
 from fair_calib_ext.eval.accuracy import default_gen_kwargs  # noqa: E402
-from fair_calib_ext.eval.corpus import calib_texts, heldout_texts  # noqa: E402
+from fair_calib_ext.eval.corpus import calib_texts  # noqa: E402
 from fair_calib_ext.eval.plots import (  # noqa: E402
     plot_flips_by_decile,
     plot_flips_by_position,
@@ -55,14 +65,23 @@ from fair_calib_ext.eval.plots import (  # noqa: E402
 )
 from fair_calib_ext.eval.report import Column, default_columns, markdown_table, mean_std  # noqa: E402
 from fair_calib_ext.eval.runner import evaluate_model  # noqa: E402
-from fair_calib_ext.eval.tasks import TASKS  # noqa: E402
+from fair_calib_ext.eval.stats import paired_diff_mean, paired_diff_ratio  # noqa: E402
+from fair_calib_ext.eval.tasks import TASKS, make_examples  # noqa: E402
 from fair_calib_ext.models import load_pretrained, load_tokenizer  # noqa: E402
-from fair_calib_ext.sampling import Trace, generate  # noqa: E402
 
 MAIN_ROWS = ("FP", "RTN", "SmoothQuant", "QuaRot", "QuaRot+GPTQ", "FlatQuant", "FAIR-Calib")
-ABLATIONS = ("uniform", "frontier-only", "masked-only", "late boost", "λ0 exp", "outside=1", "n_probe=64",
-             "n_probe=256", "n_probe=512", "n_probe=1024")
-SCHEDULES = ("early", "late", "exp")
+# paired rows of the FAIR-Calib analysis: every seed, same calibration samples and probe prompts
+PAIRED_ROWS = ("FAIR uniform", "FAIR old", "FAIR[literal]", "FAIR[sampler]")
+ABLATIONS: tuple[str, ...] = ()
+# the candidates of the default prior, scored on the val split (see select_default)
+CANDIDATES = ("FAIR uniform", "FAIR[balanced]", "FAIR[literal]", "FAIR[literal-0.03]", "FAIR[exp]",
+              "FAIR[sampler]", "FAIR[sampler-frontier]", "FAIR[noise]")
+# (A, B, what it isolates): the paired differences the report gives with bootstrap CIs
+PAIRS = (("FAIR-Calib", "FlatQuant", "the method vs its baseline"),
+         ("FAIR-Calib", "FAIR uniform", "the prior alone (same data, engine, inputs; w ≡ 1)"),
+         ("FAIR[sampler]", "FAIR[literal]", "sampler-matched vs random-commit probe (same prior rule)"),
+         ("FAIR-Calib", "FAIR old", "new default vs the old one (aligned data + prior vs stream + flat prior)"))
+SINGLE_SEED_ROWS = ("FP", "RTN", "SmoothQuant", "QuaRot", "QuaRot+GPTQ")  # cheap baselines: first seed only
 
 
 @dataclass
@@ -70,117 +89,104 @@ class Scale:
     """Everything that sets the size of a reproduction run."""
 
     models: list[str] = field(default_factory=lambda: ["tiny-llada", "tiny-dream"])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    rows: list[str] = field(default_factory=lambda: list(MAIN_ROWS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    rows: list[str] = field(default_factory=lambda: list(MAIN_ROWS) + list(PAIRED_ROWS))
     ablations: list[str] = field(default_factory=lambda: list(ABLATIONS))
     ablation_seeds: list[int] = field(default_factory=lambda: [0])
-    n_calib: int = 64  # calibration windows
-    seqlen: int = 64  # tokens per window
-    probe_block: int = 4  # Stage I block length (K / probe_block blocks)
-    n_probe: int = 512  # rollouts for the main FAIR-Calib prior
-    n_probe_max: int = 1024  # one probing pass, snapshots at 64/256/512/1024
-    probe_batch: int = 32
+    select_seeds: list[int] = field(default_factory=lambda: [0])
+    n_calib: int = 64  # calibration sequences
+    seqlen: int = 64  # tokens per sequence
+    probe_block: int = 4  # Stage I block length of the random-commit probe
+    n_probe: int = 512  # rollouts per prior
+    probe_batch: int = 64
     epochs: int = 15  # FlatQuant / FAIR epochs per block (the paper's 15)
     calib_batch: int = 4
-    n_eval: int = 100  # test examples per task
-    n_metrics: int = 128  # prompts for the mechanism metrics
+    n_eval: int = 300  # test examples per task
+    n_metrics: int = 512  # prompts for the mechanism metrics
     n_ppl: int = 48  # held-out texts
     mc_num: int = 32  # MC-ELBO samples
-    batch_size: int = 32
+    n_val: int = 100  # val examples per task (selection)
+    n_val_metrics: int = 256  # val prompts for the flip rate (selection)
+    n_boot: int = 2000
+    batch_size: int = 64
 
 
 FULL = Scale()
-QUICK = Scale(seeds=[0], rows=["FP", "RTN", "QuaRot", "FlatQuant", "FAIR-Calib"], ablations=["uniform"],
-              ablation_seeds=[0], n_calib=16, seqlen=48, n_probe=32, n_probe_max=32, probe_batch=16, epochs=1,
-              n_eval=4, n_metrics=8, n_ppl=12, mc_num=8)
+QUICK = Scale(seeds=[0, 1], rows=["FP", "RTN", "FlatQuant", "FAIR-Calib", "FAIR uniform"], ablations=[],
+              n_calib=16, seqlen=48, n_probe=32, probe_batch=16, epochs=1, n_eval=6, n_metrics=12, n_ppl=12,
+              mc_num=8, n_val=4, n_val_metrics=12, n_boot=200)
 
 
 # ------------------------------------------------------------------------------------------
 # data
 
 
-def stream_windows(tok: Any, n: int, seqlen: int, seed: int) -> torch.Tensor:
+def stream_windows(tok: Any, n: int, seqlen: int, seed: int) -> CalibData:
     """[n, seqlen] windows at seeded offsets of the train-split task lines joined by EOS (no
-    padding) — the same recipe as ``python -m fair_calib_ext.calibrate``."""
+    padding, the WikiText-style recipe; the prior goes on the trailing K positions)."""
     texts = calib_texts(max(2000, n * 8), seed=seed)
-    return build_calibration_data(tok, texts, n, seqlen, seed, tok.eos_token_id)
+    return build_stream_data(tok, texts, n, seqlen, seed, tok.eos_token_id)
 
 
-@dataclass
-class ProbeResult:
-    """Stage I accumulators snapshotted at several n_probe values, for each λ0 schedule."""
-
-    acc: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]
-    time_s: float
-    settings: dict[str, Any]
+def task_pairs(n: int, seed: int, split: str = "train") -> list[tuple[str, str]]:
+    """``n`` (prompt, answer) pairs of ``split``, the six tasks interleaved."""
+    per = -(-n // len(TASKS))
+    pools = {t: make_examples(t, split, per, seed=seed) for t in TASKS}
+    return [(pools[t][i].prompt, pools[t][i].answer) for i in range(per) for t in TASKS][:n]
 
 
-@torch.no_grad()
-def probe(model: Any, prompts: torch.Tensor, gen_k: int, scale: Scale, seed: int, snapshots: list[int]) -> ProbeResult:
-    """One random-commit probing pass (as ``calib.probe_prior``) feeding both λ0 schedules."""
-    t0 = time.perf_counter()
-    gen = torch.Generator().manual_seed(seed)
-    f = {s: torch.zeros(gen_k, dtype=torch.float64) for s in SCHEDULES}
-    r = {s: torch.zeros(gen_k, dtype=torch.float64) for s in SCHEDULES}
-    acc: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-    done, total = 0, max(snapshots)
-    marks = sorted(set(snapshots))
-    while done < total:
-        b = min(scale.probe_batch, marks[0] - done if marks else total - done)
-        idx = torch.arange(done, done + b) % prompts.shape[0]
-        tr = Trace()
-        generate(model, prompts[idx], gen_length=gen_k, steps=gen_k, block_length=min(scale.probe_block, gen_k),
-                 temperature=0.0, remasking="random", trace=tr, schedule="llada", generator=gen)
-        for s in SCHEDULES:
-            accumulate_trace(tr, f[s], r[s], lambda0_schedule=s, reliability="prob",
-                             vocab_size=model.config.vocab_size, total_steps=gen_k)
-        done += b
-        while marks and done >= marks[0]:
-            for s in SCHEDULES:
-                acc[(s, marks[0])] = (f[s].clone(), r[s].clone())
-            marks.pop(0)
-    settings = {"gen_length": gen_k, "steps": gen_k, "block_length": min(scale.probe_block, gen_k),
-                "policy": "random-commit", "reliability": "prob", "prompt_len": int(prompts.shape[1]), "seed": seed}
-    return ProbeResult(acc, time.perf_counter() - t0, settings)
+def aligned_samples(tok: Any, n: int, seqlen: int, seed: int, gen_k: int) -> CalibData:
+    """(prompt, answer + EOS fill to K) samples packed into [n, seqlen] rows, prior aligned to each
+    continuation (``calib.data``). The same train-split lines as ``stream_windows`` uses."""
+    return build_aligned_data(tok, task_pairs(max(600, n * 8), seed), n, seqlen, seed, tok.eos_token_id, fill_to=gen_k)
+
+
+def probe_prompts(tok: Any, n: int, seed: int) -> list[list[int]]:
+    """Stage I prompts: train-split task prompts (another seed than the calibration samples), so
+    the probe measures the positions of the continuation that Stage II aligns the prior to."""
+    return [tok.encode(p, add_special_tokens=False) for p, _ in task_pairs(n, seed + 1)]
 
 
 @torch.no_grad()
 def visible_kl(teacher: Any, model: Any, tok: Any, k: int, scale: Scale) -> dict[str, float]:
     """Mean KL(teacher ‖ model) of the output distributions on fully visible held-out (test-split)
-    stream windows (Stage II's own domain), on the trailing K positions (the prior's window) and before
-    them: shows where the weighted objective actually spent its error budget."""
-    x = build_calibration_data(tok, heldout_texts(2000, seed=0), 32, scale.seqlen, 0, tok.eos_token_id)
-    lp = torch.log_softmax(teacher(x).logits.double(), -1)
-    lq = torch.log_softmax(model(x).logits.double(), -1)
+    aligned samples: on the continuations' first K positions (the prior's window) and elsewhere."""
+    d = build_aligned_data(tok, task_pairs(600, 0, "test"), 32, scale.seqlen, 0, tok.eos_token_id, fill_to=k)
+    lp = torch.log_softmax(teacher(d.ids).logits.double(), -1)
+    lq = torch.log_softmax(model(d.ids).logits.double(), -1)
     kl = (lp.exp() * (lp - lq)).sum(-1)  # [B, S]
-    return {"window": float(kl[:, -k:].mean()), "outside": float(kl[:, :-k].mean())}
+    win = torch.zeros_like(kl, dtype=torch.bool)
+    for r, seg in enumerate(d.segments):
+        for st, ln in seg:
+            win[r, st:st + min(ln, k)] = True
+    return {"window": float(kl[win].mean()), "outside": float(kl[~win].mean())}
 
 
-def row_spec(label: str, scale: Scale) -> tuple[MethodConfig | None, dict[str, Any] | None]:
-    """(method config, prior spec) of a table row; prior spec None = no prior (uniform weights)."""
-    fair = dict(mode="both", lambda0="early", n_probe=scale.n_probe)
-    table: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
-        "RTN": (dict(method="rtn"), None),
-        "SmoothQuant": (dict(method="smoothquant"), None),
-        "QuaRot": (dict(method="quarot"), None),
-        "QuaRot+GPTQ": (dict(method="quarot+gptq"), None),
-        "FlatQuant": (dict(method="flatquant", fp_inputs=True), None),
-        "FAIR-Calib": (dict(method="fair"), fair),
-        "uniform": (dict(method="fair"), None),
-        "frontier-only": (dict(method="fair"), {**fair, "mode": "frontier"}),
-        "masked-only": (dict(method="fair"), {**fair, "mode": "masked"}),
-        "late boost": (dict(method="fair"), {**fair, "lambda0": "late"}),
-        "λ0 exp": (dict(method="fair"), {**fair, "lambda0": "exp"}),
-        "outside=1": (dict(method="fair"), {**fair, "outside": 1.0}),
+def row_spec(label: str) -> tuple[dict[str, Any] | None, str, str | None]:
+    """(method kwargs, calibration data "stream" | "aligned", prior preset or "uniform" or None)."""
+    fixed: dict[str, tuple[dict[str, Any], str, str | None]] = {
+        "RTN": (dict(method="rtn"), "stream", None),
+        "SmoothQuant": (dict(method="smoothquant"), "stream", None),
+        "QuaRot": (dict(method="quarot"), "stream", None),
+        "QuaRot+GPTQ": (dict(method="quarot+gptq"), "stream", None),
+        "FlatQuant": (dict(method="flatquant", fp_inputs=True), "stream", None),
+        "FAIR-Calib": (dict(method="fair"), "aligned", DEFAULT_PRIOR),
+        "FAIR uniform": (dict(method="fair"), "aligned", "uniform"),
+        "FAIR old": (dict(method="fair"), "stream", "balanced"),
     }
-    for n in (64, 256, 512, 1024):
-        table[f"n_probe={n}"] = (dict(method="fair"), {**fair, "n_probe": n})
     if label == "FP":
-        return None, None
-    if label not in table:
-        raise ValueError(f"unknown row {label!r}; rows: {list(MAIN_ROWS)}, ablations: {list(ABLATIONS)}")
-    kw, prior = table[label]
-    return kw, prior  # type: ignore[return-value]
+        return None, "", None
+    if label in fixed:
+        return fixed[label]
+    if label.startswith("FAIR[") and label.endswith("]") and label[5:-1] in PRIOR_PRESETS:
+        return dict(method="fair"), "aligned", label[5:-1]
+    raise ValueError(f"unknown row {label!r}; rows: {list(MAIN_ROWS) + list(PAIRED_ROWS)} or FAIR[<preset>] "
+                     f"with a preset of {sorted(PRIOR_PRESETS)}")
+
+
+def canonical(label: str) -> str:
+    """The row that runs a label's configuration (FAIR-Calib is FAIR[<default preset>])."""
+    return f"FAIR[{DEFAULT_PRIOR}]" if label == "FAIR-Calib" else label
 
 
 # ------------------------------------------------------------------------------------------
@@ -192,19 +198,21 @@ def _slug(s: str) -> str:
 
 
 class Runner:
-    """Runs and caches (model, row, seed) results."""
+    """Runs and caches (model, row, seed, split) results."""
 
     def __init__(self, scale: Scale, out: Path, progress: bool) -> None:
         self.scale, self.out, self.progress = scale, out, progress
         self._teacher: dict[str, Any] = {}
-        self._probe: dict[tuple[str, int], ProbeResult] = {}
+        self._probe: dict[tuple[str, int, str], ProbeStats] = {}
         self._sha: dict[str, str] = {}
 
-    def path(self, model: str, row: str, seed: int) -> Path:
+    def path(self, model: str, row: str, seed: int, split: str = "test") -> Path:
         # keyed by the weights' hash too, so a retrained model never reuses another model's results
         if model not in self._sha:
             self._sha[model] = _sha(model)
-        return self.out / "runs" / f"{_slug(Path(model).name)}-{self._sha[model]}" / _slug(row) / f"seed{seed}.json"
+        sub = "runs" if split == "test" else f"runs-{split}"
+        return (self.out / sub / f"{_slug(Path(model).name)}-{self._sha[model]}" / _slug(canonical(row))
+                / f"seed{seed}.json")
 
     def teacher(self, model: str) -> tuple[Any, Any, dict[str, Any]]:
         if model not in self._teacher:
@@ -213,68 +221,108 @@ class Runner:
             self._teacher[model] = (t, tok, default_gen_kwargs(t, generation_config=getattr(t, "generation_config", {})))
         return self._teacher[model]
 
-    def prior(self, model: str, seed: int, spec: dict[str, Any]) -> tuple[PositionPrior, float]:
+    def prior(self, model: str, seed: int, preset: str) -> tuple[PositionPrior, float]:
         sc = self.scale
         t, tok, gen = self.teacher(model)
-        key = (model, seed)
+        spec = PRIOR_PRESETS[preset]
+        key = (model, seed, spec.policy)
         if key not in self._probe:
-            k = gen["gen_length"]
-            w = stream_windows(tok, min(sc.n_probe_max, 512), sc.seqlen, seed=seed + 1)[:, : sc.seqlen - k]
-            snaps = sorted({n for n in (64, 256, 512, 1024, sc.n_probe) if n <= sc.n_probe_max} | {sc.n_probe})
-            self._probe[key] = probe(t, w, k, sc, seed, snaps)
-        pr = self._probe[key]
-        f, r = pr.acc[(spec["lambda0"], spec["n_probe"])]
-        settings = {**pr.settings, "n_probe": spec["n_probe"], "lambda0": spec["lambda0"], "prior": spec["mode"],
-                    "outside": spec.get("outside")}
-        return finalize_prior(f, r, mode=spec["mode"], settings=settings, outside=spec.get("outside")), pr.time_s
+            self._probe[key] = probe_stats(t, probe_prompts(tok, sc.n_probe, seed), policy=spec.policy,
+                                           n_probe=sc.n_probe, gen_length=gen["gen_length"],
+                                           block_length=sc.probe_block, batch_size=sc.probe_batch, seed=seed,
+                                           progress=False)
+        st = self._probe[key]
+        return st.prior(spec), st.time_s
 
-    def run(self, model: str, row: str, seed: int) -> dict[str, Any]:
-        p = self.path(model, row, seed)
+    def run(self, model: str, row: str, seed: int, split: str = "test") -> dict[str, Any]:
+        p = self.path(model, row, seed, split)
         if p.is_file():
             return json.loads(p.read_text())
         sc = self.scale
         t_run = time.perf_counter()
         teacher, tok, gen = self.teacher(model)
-        common = dict(tasks=list(TASKS), want_ppl=True, want_metrics=True, n=sc.n_eval, n_ppl=sc.n_ppl,
-                      n_metrics=sc.n_metrics, seed=0, mc_num=sc.mc_num, batch_size=sc.batch_size,
-                      gen_kwargs=gen, progress=self.progress)
-        kw, spec = row_spec(row, sc)
-        res: dict[str, Any] = {"model": model, "row": row, "seed": seed}
-        if row != "FAIR-Calib" and (kw, spec) == row_spec("FAIR-Calib", sc):
-            # the same configuration as the main row (e.g. n_probe=512): one run serves both
-            res.update(self.run(model, "FAIR-Calib", seed))
-            res["same_as"] = "FAIR-Calib"
-        elif kw is None:
-            if seed != sc.seeds[0]:  # FP does not depend on the calibration seed
-                res.update(self.run(model, row, sc.seeds[0]))
-                res["seed"] = seed
-            else:
-                res.update(evaluate_model(teacher, tok, **common))
+        if split == "test":
+            common = dict(tasks=list(TASKS), want_ppl=True, want_metrics=True, n=sc.n_eval, n_ppl=sc.n_ppl,
+                          n_metrics=sc.n_metrics)
+        else:  # selection: accuracy and flips on val prompts, nothing from the test split
+            common = dict(tasks=list(TASKS), want_ppl=False, want_metrics=True, n=sc.n_val, n_metrics=sc.n_val_metrics)
+        common.update(seed=0, split=split, mc_num=sc.mc_num, batch_size=sc.batch_size, gen_kwargs=gen,
+                      progress=self.progress)
+        kw, data_kind, preset = row_spec(row)
+        res: dict[str, Any] = {"model": model, "row": canonical(row), "seed": seed, "split": split}
+        if kw is None:
+            res.update(evaluate_model(teacher, tok, **common))
         else:
             torch.manual_seed(seed)
             cfg = MethodConfig(**kw, seed=seed, epochs=sc.epochs, batch_size=sc.calib_batch)
             prior, probe_s = (None, 0.0)
-            if spec is not None:
-                prior, probe_s = self.prior(model, seed, spec)
-            data = stream_windows(tok, sc.n_calib, sc.seqlen, seed=seed)
+            if preset == "uniform":
+                prior = PositionPrior.uniform(gen["gen_length"])
+            elif preset is not None:
+                prior, probe_s = self.prior(model, seed, preset)
+            k = gen["gen_length"]
+            data = (aligned_samples(tok, sc.n_calib, sc.seqlen, seed, k) if data_kind == "aligned"
+                    else stream_windows(tok, sc.n_calib, sc.seqlen, seed))
+            if data_kind == "stream" and prior is not None and prior.mode != "uniform":
+                prior.outside = None  # trailing-K mapping of the old default: floor before the window
             qm = load_pretrained(model)
             t0 = time.perf_counter()
             calibrate(qm, cfg, data, prior, progress=False)
             res["calib_time_s"] = time.perf_counter() - t0
             res["probe_time_s"] = probe_s
             res["method_config"] = cfg.to_dict()
+            res["data"] = data_kind
             if prior is not None:
-                res["prior"] = {"weights": prior.weights.tolist(), "mode": prior.mode, "settings": prior.settings}
+                res["prior"] = {"weights": prior.weights.tolist(), "mode": prior.mode, "settings": prior.settings,
+                                "preset": preset}
             res.update(evaluate_model(qm, tok, teacher=teacher, **common))
-            res["visible_kl"] = visible_kl(teacher, qm, tok, gen["gen_length"], sc)
+            if split == "test":
+                res["visible_kl"] = visible_kl(teacher, qm, tok, k, sc)
             del qm
-        res["row"], res["seed"] = row, seed
         res["run_time_s"] = time.perf_counter() - t_run
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_suffix(".tmp")
         tmp.write_text(json.dumps(res, indent=1, default=float))
         os.replace(tmp, p)
         return res
+
+
+# ------------------------------------------------------------------------------------------
+# selection of the default prior (val split only)
+
+
+SELECT_TIE = 0.10  # flip-rate points within which val accuracy decides
+SELECT_MIN_RATIO = 1.5  # a default prior must have max/min >= this inside its window
+
+
+def select_default(val: dict[tuple[str, str, int], dict[str, Any]], models: list[str]) -> dict[str, Any]:
+    """The selection rule, fixed before any test-split number of the candidates was computed:
+
+    1. eligible: FAIR[<preset>] candidates whose prior has max/min >= 1.5 inside its window on
+       every model and seed (a default must not be flat);
+    2. score: val frontier flip rate (%), averaged over models and selection seeds; lowest wins;
+    3. tie-break: candidates within 0.10 flip points of the best are ranked by mean val accuracy.
+    Returns the table of candidates and the choice."""
+    rows: dict[str, dict[str, Any]] = {}
+    for (m, r, s), v in val.items():
+        d = rows.setdefault(r, {"flips": [], "acc": [], "ratio": []})
+        d["flips"].append(100 * (v["metrics"]["flips"]["rate"] or 0.0))
+        d["acc"].append(100 * v["tasks"]["avg"])
+        w = v.get("prior", {}).get("weights")
+        d["ratio"].append(max(w) / max(min(w), 1e-12) if w else 1.0)
+    table = []
+    for r, d in rows.items():
+        table.append({"row": r, "flips": sum(d["flips"]) / len(d["flips"]), "acc": sum(d["acc"]) / len(d["acc"]),
+                      "min_ratio": min(d["ratio"]), "eligible": r.startswith("FAIR[") and min(d["ratio"]) >= SELECT_MIN_RATIO,
+                      "n": len(d["flips"])})
+    elig = [t for t in table if t["eligible"]]
+    choice = None
+    if elig:
+        best = min(t["flips"] for t in elig)
+        near = [t for t in elig if t["flips"] <= best + SELECT_TIE]
+        choice = max(near, key=lambda t: t["acc"])["row"]
+    return {"table": sorted(table, key=lambda t: t["flips"]), "choice": choice,
+            "rule": select_default.__doc__}
 
 
 # ------------------------------------------------------------------------------------------
@@ -557,6 +605,9 @@ def write_report(runner: Runner, done: dict[tuple[str, str, int], dict[str, Any]
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small preset (minutes)")
+    ap.add_argument("--stage", choices=("select", "test", "all"), default="all",
+                    help="select: score the prior candidates on the val split and print the choice; "
+                         "test: the paired grid on the test split + REPORT.md; all: both")
     ap.add_argument("--out", default="runs/reproduce", help="cache of per-run JSON results")
     ap.add_argument("--report", default="REPORT.md")
     ap.add_argument("--deadline-min", type=float, default=None, help="stop starting runs after this many minutes")
@@ -578,8 +629,8 @@ def main(argv: list[str] | None = None) -> int:
     base = QUICK if a.quick else FULL
     scale = dataclasses.replace(base, **{f.name: getattr(a, f.name) for f in dataclasses.fields(Scale)
                                          if getattr(a, f.name) is not None})
-    for r in scale.rows + scale.ablations:
-        row_spec(r, scale)
+    for r in scale.rows + scale.ablations + list(CANDIDATES):
+        row_spec(r)
     t0 = time.perf_counter()  # the report's "this call" includes the workers
     if a.jobs < 1:
         raise SystemExit(f"--jobs must be >= 1, got {a.jobs}")
@@ -596,15 +647,21 @@ def main(argv: list[str] | None = None) -> int:
             return max(rcs)
     out = Path(a.out)
     runner = Runner(scale, out, progress=not a.no_progress)
-    plan: list[tuple[str, str, int]] = []
-    for seed in scale.seeds:  # seed-major: a cut-off run still has every row for the first seeds
-        for model in scale.models:
-            plan += [(model, r, seed) for r in scale.rows]
-    for seed in scale.ablation_seeds:
-        for model in scale.models:
-            plan += [(model, r, seed) for r in scale.ablations]
-    done: dict[tuple[str, str, int], dict[str, Any]] = {}
-    missing: list[tuple[str, str, int]] = []
+    plan: list[tuple[str, str, int, str]] = []
+    if a.stage in ("select", "all"):
+        for seed in scale.select_seeds:
+            for model in scale.models:
+                plan += [(model, r, seed, "val") for r in CANDIDATES]
+    if a.stage in ("test", "all"):
+        for seed in scale.seeds:  # seed-major: a cut-off run still has every row for the first seeds
+            for model in scale.models:
+                plan += [(model, r, seed, "test") for r in scale.rows
+                         if r not in SINGLE_SEED_ROWS or seed == scale.seeds[0]]
+        for seed in scale.ablation_seeds:
+            for model in scale.models:
+                plan += [(model, r, seed, "test") for r in scale.ablations]
+    done: dict[tuple[str, str, int, str], dict[str, Any]] = {}
+    missing: list[tuple[str, str, int, str]] = []
     for i, key in enumerate(plan):
         cached = runner.path(*key).is_file()
         # after workers, what they did not finish stays missing rather than being run here
@@ -613,13 +670,29 @@ def main(argv: list[str] | None = None) -> int:
             continue
         r0 = time.perf_counter()
         done[key] = runner.run(*key)
-        print(f"[{i + 1}/{len(plan)}] {Path(key[0]).name} {key[1]} seed {key[2]}: "
+        print(f"[{i + 1}/{len(plan)}] {Path(key[0]).name} {key[1]} seed {key[2]} {key[3]}: "
               f"avg {100 * done[key]['tasks']['avg']:.1f}% flips {100 * (done[key]['metrics']['flips']['rate'] or 0):.2f}% "
               f"({'cached' if cached else f'{time.perf_counter() - r0:.0f}s'})", flush=True)
     if a.runs_only:
         return 0
-    write_report(runner, done, missing, Path(a.report), time.perf_counter() - t0, "--quick" if a.quick else "full")
-    print(f"wrote {a.report} ({len(done)} runs, {len(missing)} not run)")
+    val = {(m, r, s): v for (m, r, s, sp), v in done.items() if sp == "val"}
+    selection = select_default(val, scale.models) if val else None
+    if selection is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "selection.json").write_text(json.dumps(selection, indent=1))
+        print("selection on val (lowest flip rate among eligible; tie-break val accuracy):")
+        for t in selection["table"]:
+            print(f"  {t['row']:24s} flips {t['flips']:.2f}%  acc {t['acc']:.1f}%  max/min {t['min_ratio']:.2f}"
+                  f"{'' if t['eligible'] else '  (not eligible)'}")
+        print(f"choice: {selection['choice']} (code default: FAIR[{DEFAULT_PRIOR}])")
+    if a.stage == "select":
+        return 0
+    test = {(m, r, s): v for (m, r, s, sp), v in done.items() if sp == "test"}
+    if selection is None and (out / "selection.json").is_file():
+        selection = json.loads((out / "selection.json").read_text())
+    write_report(runner, test, [k[:3] for k in missing if k[3] == "test"], Path(a.report),
+                 time.perf_counter() - t0, "--quick" if a.quick else "full", selection)
+    print(f"wrote {a.report} ({len(test)} runs, {len(missing)} not run)")
     return 0
 
 
