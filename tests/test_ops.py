@@ -474,3 +474,50 @@ def test_env_override_in_new_process(tmp_path):
     )
     assert res.returncode == 0, res.stderr
     assert "ISA=scalar" in res.stdout
+
+
+# ---- overflow: a finite input never gives a silently wrong result ---------------------------------
+
+
+def test_weighted_mse_overflows_to_inf_not_an_error():
+    """Finite inputs whose sum exceeds the output dtype give inf (like torch's own reductions)."""
+    a = torch.full((2, 3, 4), 1e20)
+    b = -a
+    out = ops.weighted_mse(a, b, torch.ones(3))
+    assert out.dtype == torch.float32 and out.item() == float("inf")
+    out16 = ops.weighted_mse(torch.full((2, 4), 300.0, dtype=torch.float16),
+                             torch.full((2, 4), -300.0, dtype=torch.float16), torch.ones(2))
+    assert out16.dtype == torch.float16 and out16.item() == float("inf")
+
+
+@pytest.mark.parametrize("clip", [8.0, 2.0])
+def test_quantize_scale_overflow_raises(isa, clip):
+    """clip * absmax / 7 beyond float32 would be an infinite scale and all-zero codes: refused,
+    naming x and clip (and the row); with the same rows a clip that fits still works."""
+    x = torch.randn(3, 64)
+    x[2, 5] = 3e38
+    with pytest.raises(RuntimeError, match=r"quantize_int4: .*row 2.*clip"):
+        ops.quantize_int4(x, clip)
+    w, s = ops.quantize_int4(torch.randn(4, 64))
+    with pytest.raises(RuntimeError, match=r"w4a4_linear: .*row 2.*act_clip"):
+        ops.w4a4_linear(x, w, s, None, clip)
+    p, sc = ops.quantize_int4(x, 1.0)
+    assert torch.isfinite(sc).all() and ops.unpack_int4(p)[2, 5] == 7
+
+
+# ---- multi-threaded GEMM driver (problems >= 2^22 MACs spread over at::parallel_for) ---------------
+
+
+@pytest.mark.parametrize("M,N,K", [(61, 197, 2 * 1024 + 130), (300, 40, 400)])  # N- and M-split tasks
+def test_gemm_multithreaded_int32_exact(isa, M, N, K):
+    assert M * N * K >= 1 << 22  # above the driver's single-thread threshold
+    gen = torch.Generator().manual_seed(M + N + K)
+    qa, qw = rand_codes(M, K, gen=gen), rand_codes(N, K, gen=gen)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert torch.get_num_threads() == 2
+        acc = ops.w4a4_gemm(ops.pack_int4(qa), torch.ones(M), ops.pack_int4(qw), torch.ones(N), None, torch.int32)
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(acc, exact_acc(qa, qw))
