@@ -393,6 +393,55 @@ def test_weighted_mse_backward_matches_torch():
     torch.testing.assert_close(b.grad, b2.grad)
 
 
+# ---- w4a4_linear autograd: straight-through for x, exact for bias and w_scale ------------------------
+
+
+def _ste_reference(x, w, w_scale, bias, act_clip):
+    """The fake-quant forward with a straight-through activation quantizer, in plain torch:
+    forward = dequant(quantize(x)) @ dequant(w)^T + bias, d/dx = identity through the quantizer."""
+    qa, sa = ref_quantize(x.detach().reshape(-1, x.shape[-1]), act_clip)
+    xq = (qa.float() * sa[:, None]).reshape(x.shape)
+    x_ste = x.float() + (xq - x.float()).detach()
+    w_deq = ops.unpack_int4(w).float() * w_scale[:, None]
+    out = x_ste @ w_deq.T
+    return (out + bias.float() if bias is not None else out).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_w4a4_linear_backward_matches_ste_of_fake_quant(dtype, with_bias):
+    gen = torch.Generator().manual_seed(13)
+    K, N = 64, 9
+    x = (torch.randn(2, 3, K, generator=gen) * 2).to(dtype)
+    w, s = ops.quantize_int4(torch.randn(N, K, generator=gen))
+    s = s.clone().requires_grad_()
+    bias = torch.randn(N, generator=gen).requires_grad_() if with_bias else None
+    g = torch.randn(2, 3, N, generator=gen).to(dtype)
+
+    xa = x.clone().requires_grad_()
+    out = ops.w4a4_linear(xa, w, s, bias, 0.9)
+    grads = torch.autograd.grad(out, [xa, s] + ([bias] if with_bias else []), g)
+
+    xr, sr = x.clone().requires_grad_(), s.detach().clone().requires_grad_()
+    br = bias.detach().clone().requires_grad_() if with_bias else None
+    ref = _ste_reference(xr, w, sr, br, 0.9)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out, ref, **tol)
+    want = torch.autograd.grad(ref, [xr, sr] + ([br] if with_bias else []), g)
+    assert grads[0].dtype == dtype and grads[0].shape == x.shape
+    for got, exp in zip(grads, want):
+        torch.testing.assert_close(got.float(), exp.float(), rtol=tol["rtol"] * 4, atol=1e-4)
+
+
+def test_w4a4_linear_backward_reaches_x_through_a_module():
+    """The reported failure: the output required grad but x.grad stayed None after backward."""
+    w, s = ops.quantize_int4(torch.randn(5, 32))
+    x = torch.randn(4, 32, requires_grad=True)
+    ops.w4a4_linear(x, w, s).sum().backward()
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad, (ops.unpack_int4(w).float() * s[:, None]).sum(0).expand(4, 32))
+
+
 # ---- opcheck ------------------------------------------------------------------------------------
 
 
@@ -414,6 +463,8 @@ def _opcheck_cases():
         ("w4a4_gemm", (a, sa, w, s, None, torch.int32)),
         ("w4a4_linear", (x, w, s, bias, 1.0)),
         ("w4a4_linear", (x.half(), w, s, None, 0.7)),
+        ("w4a4_linear", (x.clone().requires_grad_(), w, s.clone().requires_grad_(),
+                         bias.clone().requires_grad_(), 0.8)),
         ("weighted_mse", (fa, fb, fw)),
         ("weighted_mse_backward", (torch.tensor(2.0), fa.detach(), fb.detach(), fw)),
     ]
