@@ -62,7 +62,8 @@ def quantize_int4(x: torch.Tensor, clip: float = 1.0) -> tuple[torch.Tensor, tor
 
     Returns ``(packed uint8 [..., K/2], scale fp32 [...])`` with ``scale = clip*absmax/7``
     (1.0 for all-zero rows) and ``q = clamp(round_half_even(x.float() / scale), -8, 7)``.
-    inf/NaN input raises ``RuntimeError``.
+    inf/NaN input raises ``RuntimeError``, and so does a row whose scale overflows float32
+    (``clip > 1`` with |x| near float32's maximum) instead of giving an inf scale and zero codes.
     """
     return torch.ops.fair.quantize_int4.default(x, float(clip))
 
@@ -105,7 +106,7 @@ def weighted_mse(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Ten
     """``sum_i w_i * ||a_i - b_i||^2`` over positions i of ``a, b [..., N, D]``.
 
     ``w`` broadcasts to ``a.shape[:-1]`` (typically ``[N]``). Differentiable in ``a``, ``b``
-    and ``w``; returns a 0-dim tensor of ``a.dtype``.
+    and ``w``; returns a 0-dim tensor of ``a.dtype`` (inf when the sum exceeds that dtype).
     """
     return torch.ops.fair.weighted_mse.default(a, b, w)
 
