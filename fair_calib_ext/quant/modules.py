@@ -7,8 +7,9 @@
 Linear_q is ``fair_calib_ext.nn.W4A4Linear`` (real int4 kernels, ``torch.ops.fair.w4a4_linear``)
 for W4A4 when the extension is built, otherwise :class:`RefQuantLinear`, the pure-torch reference
 with the same buffers (packed int4 weights + fp32 scales), used for W4A8 / W8A8 / W4A16 and
-as a fallback (a W4A4 fallback warns once per process; :func:`kernel_path` says which ran). Both hold the weights exactly as quantized by the method (RTN or GPTQ): the
-scales are stored, never recomputed from dequantized values.
+as a fallback (a W4A4 fallback warns once per process; :func:`kernel_path` says which ran).
+Both hold the weights exactly as quantized by the method (RTN or GPTQ): the scales are stored,
+never recomputed from dequantized values.
 """
 
 from __future__ import annotations
