@@ -188,6 +188,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from .calib.layerwise import peak_memory_mb
     from .models import CheckpointError, load_pretrained, load_tokenizer, resolve_model_path
     from .quant import QuantConfig
+    from .quant.modules import kernel_path
 
     t_start = time.time()
     if args.threads is not None:
@@ -325,7 +326,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                "calib_format": fmt,
                "nsamples": args.nsamples, "seqlen": seqlen, "epochs": cfg.epochs if cfg.learns else 0,
                "prior_seconds": round(t_prior, 2), "calib_seconds": round(t_calib, 2),
-               "total_seconds": round(time.time() - t_start, 2), **peak_memory_mb(device), "out": str(out)}
+               "total_seconds": round(time.time() - t_start, 2), **peak_memory_mb(device), "out": str(out),
+               "kernel_path": kernel_path(model)}
     log(summary)
     extra_files["calib_log.jsonl"] = "".join(json.dumps(r) + "\n" for r in logs)
     save_quantized(model, out, overwrite=args.overwrite, tokenizer_from=model_path, extra_files=extra_files)

@@ -102,6 +102,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     from fair_calib_ext.eval.report import default_columns, markdown_table
     from fair_calib_ext.eval.runner import evaluate_model, expand_tasks
     from fair_calib_ext.models import load_generation_config, load_pretrained, load_tokenizer
+    from fair_calib_ext.quant.modules import kernel_path, kernel_report
 
     suite, want_ppl, want_metrics = expand_tasks(a.tasks)
     if a.threads:
@@ -125,7 +126,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         for d, label in zip(a.quantized, labels):
             q = load_pretrained(d, dtype=dtype, device=ctx.device)
             res = evaluate_model(q, tok, teacher=teacher, **common)
-            rows.append({"label": label, "path": d, **res})
+            rows.append({"label": label, "path": d, "kernel_path": kernel_path(q), **res})
             del q
         results = {
             "config": {k: v for k, v in vars(a).items()},
@@ -133,6 +134,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             "world_size": ctx.world_size,
             "device": str(ctx.device),
             "torch": torch.__version__,
+            "kernels": kernel_report(),  # int4 kernels or the fake-quant reference (per row: kernel_path)
             "models": rows,
         }
         if ctx.is_main:

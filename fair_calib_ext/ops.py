@@ -4,7 +4,7 @@ The schemas and the CPU/CUDA kernels are C++ (``csrc/``); importing :mod:`fair_c
 registers them. This module adds what the dispatcher needs from Python:
 
 * a fake (meta) implementation per op, so the ops trace under ``torch.compile`` / FakeTensor;
-* autograd for :func:`weighted_mse`;
+* autograd for :func:`weighted_mse` and :func:`w4a4_linear` (straight-through for ``x``);
 * helpers to select the CPU kernel path (``scalar``, ``avx2``, ``avx512_vnni``, ``amx``).
 
 Int4 data contract (``shared/reference/kernels.md``): an int4 matrix ``[R, K]`` is stored as
@@ -62,7 +62,8 @@ def quantize_int4(x: torch.Tensor, clip: float = 1.0) -> tuple[torch.Tensor, tor
 
     Returns ``(packed uint8 [..., K/2], scale fp32 [...])`` with ``scale = clip*absmax/7``
     (1.0 for all-zero rows) and ``q = clamp(round_half_even(x.float() / scale), -8, 7)``.
-    inf/NaN input raises ``RuntimeError``.
+    inf/NaN input raises ``RuntimeError``, and so does a row whose scale overflows float32
+    (``clip > 1`` with |x| near float32's maximum) instead of giving an inf scale and zero codes.
     """
     return torch.ops.fair.quantize_int4.default(x, float(clip))
 
@@ -94,6 +95,9 @@ def w4a4_linear(
     """W4A4 linear layer: per-token int4 quantization of ``x [..., K]`` fused with the GEMM.
 
     ``w`` packed ``[N, K/2]`` with fp32 ``w_scale [N]``; returns ``[..., N]`` in ``x.dtype``.
+    Differentiable: ``x`` gets the straight-through gradient ``grad @ dequant(w)`` (the
+    activation quantizer taken as the identity), ``bias`` and ``w_scale`` their exact ones;
+    the integer ``w`` has none.
     """
     return torch.ops.fair.w4a4_linear.default(x, w, w_scale, bias, float(act_clip))
 
@@ -102,7 +106,7 @@ def weighted_mse(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Ten
     """``sum_i w_i * ||a_i - b_i||^2`` over positions i of ``a, b [..., N, D]``.
 
     ``w`` broadcasts to ``a.shape[:-1]`` (typically ``[N]``). Differentiable in ``a``, ``b``
-    and ``w``; returns a 0-dim tensor of ``a.dtype``.
+    and ``w``; returns a 0-dim tensor of ``a.dtype`` (inf when the sum exceeds that dtype).
     """
     return torch.ops.fair.weighted_mse.default(a, b, w)
 
@@ -290,4 +294,37 @@ def _weighted_mse_backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN202
 
 torch.library.register_autograd(
     "fair::weighted_mse", _weighted_mse_backward, setup_context=_weighted_mse_setup_context
+)
+
+
+def _w4a4_linear_setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, w, w_scale, bias, act_clip = inputs
+    ctx.save_for_backward(x, w, w_scale)
+    ctx.act_clip = act_clip
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _w4a4_linear_backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN202
+    # out = Q(x) @ dequant(w)^T + bias with Q the per-token int4 quantizer. Q is piecewise
+    # constant, so x gets the straight-through gradient (Q taken as the identity), as in the
+    # fake-quant path used for calibration; w holds integer codes and gets no gradient.
+    x, w, w_scale = ctx.saved_tensors
+    n, k = w.shape[0], 2 * w.shape[1]
+    g = grad.float().reshape(-1, n)  # [M, N]
+    codes = unpack_int4(w).float()  # [N, K]
+    grad_x = grad_scale = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = (g @ (codes * w_scale[:, None])).reshape(x.shape).to(x.dtype)
+    if ctx.needs_input_grad[2]:
+        # d out[m, n] / d w_scale[n] = Q(x)[m] . codes[n]
+        qx, sx = quantize_int4(x.detach().reshape(-1, k), ctx.act_clip)
+        xq = unpack_int4(qx).float() * sx[:, None]
+        grad_scale = (g * (xq @ codes.T)).sum(0)
+    if ctx.needs_input_grad[3]:
+        grad_bias = g.sum(0).to(ctx.bias_dtype)
+    return grad_x, None, grad_scale, grad_bias, None
+
+
+torch.library.register_autograd(
+    "fair::w4a4_linear", _w4a4_linear_backward, setup_context=_w4a4_linear_setup_context
 )

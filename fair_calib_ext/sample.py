@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0 = greedy (default: generation_config.json, else 0)")
     p.add_argument("--cfg-scale", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=None, help="Dream schedule only")
-    p.add_argument("--top-k", type=int, default=None, help="Dream schedule only")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="Dream schedule only; default: generation_config.json, else 50 as in the official "
+                        "Dream code; 0 = no truncation")
     p.add_argument("--alg-temp", type=float, default=None, help="Dream schedule only")
     p.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=None,
                    help="stop once every row has EOS/EoT after a completed block "

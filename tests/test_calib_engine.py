@@ -76,6 +76,7 @@ def test_every_method_quantizes_all_linears(family: str, method: str) -> None:
     assert [r["block"] for r in blocks] == [0, 1]
     assert all(r["loss_after"] > 0 for r in blocks)
     assert logs[-1]["event"] == "summary" and "cpu_peak_rss_mb" in logs[-1]
+    assert logs[-1]["kernel_path"] == ("kernels" if kernels_available() else "reference")  # logged
     with torch.no_grad():
         out = m(ids).logits
         rel = float((out - ref).norm() / ref.norm())

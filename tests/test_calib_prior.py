@@ -102,15 +102,56 @@ def test_positions_mapping_floor_and_roundtrip(tmp_path) -> None:
         finalize_prior(torch.ones(4), torch.ones(4), outside=-1.0)
 
 
-def test_probe_prior_runs_the_sampler() -> None:
+class _ConfidenceStub(torch.nn.Module):
+    """A stand-in model whose logits depend only on the absolute position: token 0 has logit
+    a[j] at position j, every other token 0. Whatever the canvas, the top-1 is token 0 with
+    probability c_j = e^a_j / (e^a_j + V - 1) (a_j > 0), so every confidence of the trace is known."""
+
+    def __init__(self, a: torch.Tensor, vocab: int = 8) -> None:
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(vocab_size=vocab, mask_token_id=vocab - 1, family="llada",
+                                      shift_logits=False, max_position_embeddings=a.numel(), eos_token_id=None)
+        self.register_buffer("a", a.float())
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # generate() reads the device from it
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchor.device
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None):  # noqa: ANN201
+        from types import SimpleNamespace
+
+        logits = torch.zeros(*x.shape, self.config.vocab_size)
+        logits[..., 0] = self.a[: x.shape[1]]
+        return SimpleNamespace(logits=logits)
+
+
+@pytest.mark.parametrize("mode", ["both", "frontier", "masked"])
+def test_probe_prior_runs_the_sampler(mode: str) -> None:
+    """probe_prior on a controlled trace: with one-token blocks the commit order is forced (step t
+    commits position t - 1, 0-based), and the stub fixes every confidence, so F, R and the prior
+    follow by hand from the reference formulas (a probe returning ones, or ignoring either term,
+    fails here)."""
     from fair_calib_ext.calib.prior import probe_prior
-    from fair_calib_ext.models import build_model
 
-    from test_calib_transforms import tiny_config  # noqa: PLC0415 (same test directory)
+    P, G, V, n_probe = 4, 6, 8, 5
+    a = torch.tensor([0.0] * P + [3.0, 0.5, 2.0, 0.2, 1.0, 4.0])  # > 0: token 0 stays the top-1
+    prompts = torch.randint(0, V - 1, (3, P), generator=torch.Generator().manual_seed(0))
+    pr = probe_prior(_ConfidenceStub(a, V), prompts, n_probe=n_probe, gen_length=G, block_length=1,
+                     batch_size=2, mode=mode, floor=0.1, combine="balanced", lambda1=1.0, policy="random",
+                     progress=False)
 
-    m = build_model(tiny_config("llada"), seed=0, init_std=0.1)
-    prompts = torch.randint(0, 70, (3, 8), generator=torch.Generator().manual_seed(0))
-    pr = probe_prior(m, prompts, n_probe=4, gen_length=8, block_length=4, batch_size=2, progress=False)
-    assert pr.weights.shape == (8,) and float(pr.weights.min()) >= 0.1
-    assert pr.settings["n_probe"] == 4 and pr.settings["policy"] == "random"
-    torch.testing.assert_close(pr.weights.mean(), torch.tensor(1.0), rtol=0, atol=0.1)
+    e = torch.exp(a[P:].double())
+    c = e / (e + V - 1)  # top-1 probability at each generation position
+    T = G
+    f = torch.tensor([n_probe * (T - i) / T for i in range(G)], dtype=torch.float64)  # λ0 early at t = i + 1
+    r = torch.tensor([n_probe * sum(float(c[i] / c[t:].mean()) for t in range(i + 1)) for i in range(G)],
+                     dtype=torch.float64)  # position i is masked at steps 1..i+1, with positions t..G-1
+    w = {"both": f / f.mean() + r / r.mean(), "frontier": f / f.mean(), "masked": r / r.mean()}[mode]
+    want = (w / w.mean()).clamp(min=0.1)
+    assert pr.weights.shape == (G,) and pr.settings["n_probe"] == n_probe
+    assert pr.settings["policy"] == "random"
+    torch.testing.assert_close(pr.weights.double(), want, rtol=1e-5, atol=1e-6)
+    assert float(want.max() - want.min()) > 0.3  # the trace gives the prior a real shape

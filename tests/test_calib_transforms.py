@@ -7,11 +7,12 @@ import copy
 import pytest
 import torch
 
-from fair_calib_ext.calib.layerwise import _make_runner, weighted_loss
+import fair_calib_ext
+from fair_calib_ext.calib.layerwise import _make_runner, _quantize_weights, weighted_loss
 from fair_calib_ext.calib.methods import BlockContext, MethodConfig, get_transform
 from fair_calib_ext.models import ModelConfig, build_model
 from fair_calib_ext.quant.flatquant import FlatBlock, kron_split
-from fair_calib_ext.quant.modules import PendingLinear
+from fair_calib_ext.quant.modules import PendingLinear, QuantLinear
 from fair_calib_ext.quant.quantizer import QuantConfig
 
 
@@ -103,6 +104,59 @@ def test_flatquant_train_form_and_fold_are_exact(family: str) -> None:
         torch.testing.assert_close(layer(x, **kw), ref, rtol=0, atol=1e-4)
         blk.fold(layer)
         torch.testing.assert_close(layer(x, **kw), ref, rtol=0, atol=1e-4)
+
+
+@pytest.mark.skipif(fair_calib_ext._C is None, reason="fair_calib_ext._C not built: no int4 kernels")
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_flatquant_train_form_equals_folded_w4a4_kernels_per_linear(family: str) -> None:
+    """At W4A4, with non-trivial transforms, diag scales and learned clips (weights per row,
+    activations per quantizer, all != 1), each linear's training forward (fake-quant, fp32)
+    equals its deployed QuantLinear on the int4 kernels (online transform + packed RTN weights
+    from the engine's own quantization step), on the same inputs, to fp32 rounding (measured
+    ~3e-7 of the output's max). A fold that loses a learned clip or a transform factor changes
+    the codes and fails here."""
+    m = _model(family)
+    ids = torch.randint(0, 79, (2, 16), generator=torch.Generator().manual_seed(3))
+    x, kw = m.prepare_inputs(ids)
+    x = x.detach()
+    layer = m.layers[1]
+    mc = m.config
+    stats = {r: torch.rand(n) + 0.5 for r, n in (("qkv", 48), ("up_gate", 48), ("down", 96))}
+    blk = FlatBlock(layer, m.layer_map(), num_heads=mc.num_attention_heads, num_kv_heads=mc.num_key_value_heads,
+                    head_dim=mc.head_dim, w_bits=4, a_bits=4, act_stats=stats, seed=5, learn_clip=True)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    blk.install(layer)
+    with torch.no_grad():  # learned clips in (0.6, 0.9): below 1, so clipping really happens
+        for name, p in blk.named_parameters():
+            if "logit" in name:
+                p.copy_(0.4 + 1.8 * torch.rand(p.shape, generator=g))
+    roles = {nm: role for role in FlatBlock.ROLES for nm in m.layer_map()[role]}
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [layer.get_submodule(nm).register_forward_pre_hook(
+        lambda _m, args, nm=nm: inputs.__setitem__(nm, args[0].detach())) for nm in roles]
+    with torch.no_grad():
+        layer(x, **kw)
+        for h in hooks:
+            h.remove()
+        trained = {nm: layer.get_submodule(nm)(inputs[nm]) for nm in roles}
+        blk.fold(layer)
+    cfg = MethodConfig(method="flatquant", quant=QuantConfig(w_bits=4, a_bits=4))
+    ctx = _ctx(m, layer, x)
+    _quantize_weights(layer, cfg, ctx, ctx.run_batches)  # RTN with each PendingLinear's clip
+    with torch.no_grad():
+        for nm, role in roles.items():
+            ql = layer.get_submodule(nm)
+            assert isinstance(ql, QuantLinear) and ql.uses_kernels, nm
+            u = inputs[nm]
+            if role in ("qkv", "up_gate"):  # the fold moved this 1/c into the preceding norm
+                u = u / blk.c[role]
+            want = trained[nm]
+            got = ql(u)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()),
+                                       msg=lambda s, nm=nm: f"{nm}: {s}")
 
 
 def test_kron_split_real_dims() -> None:

@@ -67,6 +67,9 @@ def test_cli_writes_results_table_and_plots(single_run):
     assert fp_row["ppl"]["n_texts"] == 3 and fp_row["ppl"]["ppl"] > 1
     assert (out / "lag_ccdf.png").stat().st_size > 0 and (out / "flips_by_decile.png").is_file()
     assert str(out / "lag_ccdf.png") in res["plots"]
+    # which int4 path ran is recorded (the fake-quant reference when _C did not load)
+    assert res["kernels"]["kernel_path"] == ("kernels" if fair_calib_ext._C is not None else "reference")
+    assert q_row["kernel_path"] in ("kernels", "reference", "mixed", "none") and "kernel_path" not in fp_row
     assert (out / "step_mse_aligned.png").is_file()
 
 

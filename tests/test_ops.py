@@ -393,6 +393,55 @@ def test_weighted_mse_backward_matches_torch():
     torch.testing.assert_close(b.grad, b2.grad)
 
 
+# ---- w4a4_linear autograd: straight-through for x, exact for bias and w_scale ------------------------
+
+
+def _ste_reference(x, w, w_scale, bias, act_clip):
+    """The fake-quant forward with a straight-through activation quantizer, in plain torch:
+    forward = dequant(quantize(x)) @ dequant(w)^T + bias, d/dx = identity through the quantizer."""
+    qa, sa = ref_quantize(x.detach().reshape(-1, x.shape[-1]), act_clip)
+    xq = (qa.float() * sa[:, None]).reshape(x.shape)
+    x_ste = x.float() + (xq - x.float()).detach()
+    w_deq = ops.unpack_int4(w).float() * w_scale[:, None]
+    out = x_ste @ w_deq.T
+    return (out + bias.float() if bias is not None else out).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_w4a4_linear_backward_matches_ste_of_fake_quant(dtype, with_bias):
+    gen = torch.Generator().manual_seed(13)
+    K, N = 64, 9
+    x = (torch.randn(2, 3, K, generator=gen) * 2).to(dtype)
+    w, s = ops.quantize_int4(torch.randn(N, K, generator=gen))
+    s = s.clone().requires_grad_()
+    bias = torch.randn(N, generator=gen).requires_grad_() if with_bias else None
+    g = torch.randn(2, 3, N, generator=gen).to(dtype)
+
+    xa = x.clone().requires_grad_()
+    out = ops.w4a4_linear(xa, w, s, bias, 0.9)
+    grads = torch.autograd.grad(out, [xa, s] + ([bias] if with_bias else []), g)
+
+    xr, sr = x.clone().requires_grad_(), s.detach().clone().requires_grad_()
+    br = bias.detach().clone().requires_grad_() if with_bias else None
+    ref = _ste_reference(xr, w, sr, br, 0.9)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out, ref, **tol)
+    want = torch.autograd.grad(ref, [xr, sr] + ([br] if with_bias else []), g)
+    assert grads[0].dtype == dtype and grads[0].shape == x.shape
+    for got, exp in zip(grads, want):
+        torch.testing.assert_close(got.float(), exp.float(), rtol=tol["rtol"] * 4, atol=1e-4)
+
+
+def test_w4a4_linear_backward_reaches_x_through_a_module():
+    """The reported failure: the output required grad but x.grad stayed None after backward."""
+    w, s = ops.quantize_int4(torch.randn(5, 32))
+    x = torch.randn(4, 32, requires_grad=True)
+    ops.w4a4_linear(x, w, s).sum().backward()
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad, (ops.unpack_int4(w).float() * s[:, None]).sum(0).expand(4, 32))
+
+
 # ---- opcheck ------------------------------------------------------------------------------------
 
 
@@ -414,6 +463,8 @@ def _opcheck_cases():
         ("w4a4_gemm", (a, sa, w, s, None, torch.int32)),
         ("w4a4_linear", (x, w, s, bias, 1.0)),
         ("w4a4_linear", (x.half(), w, s, None, 0.7)),
+        ("w4a4_linear", (x.clone().requires_grad_(), w, s.clone().requires_grad_(),
+                         bias.clone().requires_grad_(), 0.8)),
         ("weighted_mse", (fa, fb, fw)),
         ("weighted_mse_backward", (torch.tensor(2.0), fa.detach(), fb.detach(), fw)),
     ]
@@ -474,3 +525,50 @@ def test_env_override_in_new_process(tmp_path):
     )
     assert res.returncode == 0, res.stderr
     assert "ISA=scalar" in res.stdout
+
+
+# ---- overflow: a finite input never gives a silently wrong result ---------------------------------
+
+
+def test_weighted_mse_overflows_to_inf_not_an_error():
+    """Finite inputs whose sum exceeds the output dtype give inf (like torch's own reductions)."""
+    a = torch.full((2, 3, 4), 1e20)
+    b = -a
+    out = ops.weighted_mse(a, b, torch.ones(3))
+    assert out.dtype == torch.float32 and out.item() == float("inf")
+    out16 = ops.weighted_mse(torch.full((2, 4), 300.0, dtype=torch.float16),
+                             torch.full((2, 4), -300.0, dtype=torch.float16), torch.ones(2))
+    assert out16.dtype == torch.float16 and out16.item() == float("inf")
+
+
+@pytest.mark.parametrize("clip", [8.0, 2.0])
+def test_quantize_scale_overflow_raises(isa, clip):
+    """clip * absmax / 7 beyond float32 would be an infinite scale and all-zero codes: refused,
+    naming x and clip (and the row); with the same rows a clip that fits still works."""
+    x = torch.randn(3, 64)
+    x[2, 5] = 3e38
+    with pytest.raises(RuntimeError, match=r"quantize_int4: .*row 2.*clip"):
+        ops.quantize_int4(x, clip)
+    w, s = ops.quantize_int4(torch.randn(4, 64))
+    with pytest.raises(RuntimeError, match=r"w4a4_linear: .*row 2.*act_clip"):
+        ops.w4a4_linear(x, w, s, None, clip)
+    p, sc = ops.quantize_int4(x, 1.0)
+    assert torch.isfinite(sc).all() and ops.unpack_int4(p)[2, 5] == 7
+
+
+# ---- multi-threaded GEMM driver (problems >= 2^22 MACs spread over at::parallel_for) ---------------
+
+
+@pytest.mark.parametrize("M,N,K", [(61, 197, 2 * 1024 + 130), (300, 40, 400)])  # N- and M-split tasks
+def test_gemm_multithreaded_int32_exact(isa, M, N, K):
+    assert M * N * K >= 1 << 22  # above the driver's single-thread threshold
+    gen = torch.Generator().manual_seed(M + N + K)
+    qa, qw = rand_codes(M, K, gen=gen), rand_codes(N, K, gen=gen)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert torch.get_num_threads() == 2
+        acc = ops.w4a4_gemm(ops.pack_int4(qa), torch.ones(M), ops.pack_int4(qw), torch.ones(N), None, torch.int32)
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(acc, exact_acc(qa, qw))

@@ -273,6 +273,19 @@ def test_nonfinite_input(bad):
     assert torch.equal(out[keep], ops.w4a4_linear(x[keep], w, s))
 
 
+@pytest.mark.parametrize("clip", [8.0, 2.0])
+def test_quantize_scale_overflow(clip):
+    """clip * absmax / 7 beyond float32: quantize_int4 raises as on the CPU; w4a4_linear (no
+    device sync) gives NaN for that row instead of silent zeros."""
+    x = torch.randn(3, 64)
+    x[2, 5] = 3e38
+    with pytest.raises(RuntimeError, match=r"quantize_int4: .*row 2.*clip"):
+        ops.quantize_int4(x.to(DEV), clip)
+    w, s = ops.quantize_int4(torch.randn(4, 64))
+    out = ops.w4a4_linear(*cuda(x, w, s), None, clip).cpu()
+    assert out[2].isnan().all() and torch.isfinite(out[:2]).all()
+
+
 # ---- bad input ----------------------------------------------------------------------------------
 
 
@@ -387,6 +400,12 @@ def test_weighted_mse_large_is_deterministic_and_accurate():
         assert torch.equal(ops.weighted_mse(ad, bd, wd), first)  # no atomics: bitwise repeatable
     expect = (w.double() * ((a.double() - b.double()) ** 2).sum(-1)).sum()
     torch.testing.assert_close(first.cpu().double(), expect, rtol=1e-5, atol=0)
+
+
+def test_weighted_mse_overflows_to_inf():
+    a = torch.full((2, 3, 4), 1e20)
+    out = ops.weighted_mse(*cuda(a, -a, torch.ones(3)))
+    assert out.dtype == torch.float32 and out.item() == float("inf")
 
 
 def test_weighted_mse_gradcheck():

@@ -117,6 +117,22 @@ def _ref_sample_tokens(logits, temperature, top_p, top_k, margin=False, neg_entr
     return conf, x0
 
 
+# transformers 4.x ``PretrainedConfig`` carries ``top_k = 50`` (and ``top_p = 1.0``); Dream's
+# ``diffusion_generate`` builds its ``DreamGenerationConfig`` from the model config, so this is the
+# official default whenever neither the caller nor the checkpoint sets ``top_k``.
+HF_CONFIG_TOP_K = 50
+
+
+def ref_dream_top_k(caller: int | None, generation_config: dict) -> int | None:
+    """The top_k the official Dream code samples with: the caller's, else the checkpoint's
+    generation config (a null there disables it), else transformers' config default."""
+    if caller is not None:
+        return caller
+    if "top_k" in generation_config:
+        return generation_config["top_k"]
+    return HF_CONFIG_TOP_K
+
+
 @torch.no_grad()
 def ref_dream_sample(model, input_ids, max_new_tokens, steps, alg="entropy", temperature=0.0, top_p=None,
                      top_k=None, alg_temp=None, eps=1e-3, mask_id=95):
@@ -251,7 +267,7 @@ DREAM_CASES = [  # (gen, steps, alg, top_p, top_k)
 def test_dream_t0_matches_official(dream, gen, steps, alg, top_p, top_k):
     prompt = _prompts(1, 5, gen + steps)
     torch.manual_seed(0)  # origin draws its transfer coins even at T = 0
-    want = ref_dream_sample(dream, prompt, gen, steps, alg=alg, top_p=top_p, top_k=top_k)
+    want = ref_dream_sample(dream, prompt, gen, steps, alg=alg, top_p=top_p, top_k=ref_dream_top_k(top_k, {}))
     torch.manual_seed(0)
     got = generate(dream, prompt, gen_length=gen, steps=steps, remasking=alg, top_p=top_p, top_k=top_k)
     assert torch.equal(got, want)
@@ -262,7 +278,8 @@ def test_dream_t0_matches_official(dream, gen, steps, alg, top_p, top_k):
 def test_dream_sampled_global_rng_matches_official(dream, alg, alg_temp):
     prompt = _prompts(1, 4, 21)
     torch.manual_seed(99)
-    want = ref_dream_sample(dream, prompt, 8, 8, alg=alg, temperature=0.7, top_p=0.95, alg_temp=alg_temp)
+    want = ref_dream_sample(dream, prompt, 8, 8, alg=alg, temperature=0.7, top_p=0.95, alg_temp=alg_temp,
+                            top_k=HF_CONFIG_TOP_K)
     torch.manual_seed(99)
     got = generate(dream, prompt, gen_length=8, steps=8, remasking=alg, temperature=0.7, top_p=0.95, alg_temp=alg_temp)
     assert torch.equal(got, want)
@@ -270,7 +287,7 @@ def test_dream_sampled_global_rng_matches_official(dream, alg, alg_temp):
 
 def test_dream_equal_length_batch_matches_official(dream):
     prompt = _prompts(3, 4, 5)
-    want = ref_dream_sample(dream, prompt, 8, 4, alg="entropy")
+    want = ref_dream_sample(dream, prompt, 8, 4, alg="entropy", top_k=HF_CONFIG_TOP_K)
     assert torch.equal(generate(dream, prompt, gen_length=8, steps=4, remasking="entropy"), want)
 
 
@@ -289,3 +306,37 @@ def test_dream_generation_config_defaults(dream):
         assert differs > 0, "top_k truncation never changed the result; the test model is too peaked"
     finally:
         dream.generation_config = {}
+
+
+@pytest.mark.parametrize("caller,gen_config", [
+    (None, {}),  # official default: transformers' top_k = 50 from the model config
+    (None, {"top_k": 7}),  # the checkpoint's generation_config.json
+    (20, {"top_k": 7}),  # the caller wins
+    (None, {"top_k": None}),  # a checkpoint that disables it
+])
+def test_dream_default_top_k_resolution_matches_official(dream, caller, gen_config):
+    """Dream's entropy confidence is computed after the top-k truncation, so the resolved top_k
+    decides which positions commit; with vocab 96 > 50 the default truncation matters."""
+    assert dream.config.vocab_size > HF_CONFIG_TOP_K
+    dream.generation_config = gen_config
+    try:
+        changed = 0
+        for seed in range(6):
+            prompt = _prompts(1, 5, 40 + seed)
+            want = ref_dream_sample(dream, prompt, 8, 8, alg="entropy", top_k=ref_dream_top_k(caller, gen_config))
+            got = generate(dream, prompt, gen_length=8, steps=8, remasking="entropy", top_k=caller)
+            assert torch.equal(got, want), (seed, got, want)
+            full = ref_dream_sample(dream, prompt, 8, 8, alg="entropy", top_k=None)
+            changed += int(not torch.equal(full, want))
+        if ref_dream_top_k(caller, gen_config) is not None:
+            assert changed > 0, "top-k truncation never changed a decode; the test would not see a wrong default"
+    finally:
+        dream.generation_config = {}
+
+
+def test_dream_top_k_zero_means_full_distribution(dream):
+    prompt = _prompts(1, 5, 3)
+    want = ref_dream_sample(dream, prompt, 8, 8, alg="entropy", top_k=None)
+    assert torch.equal(generate(dream, prompt, gen_length=8, steps=8, remasking="entropy", top_k=0), want)
+    with pytest.raises(ValueError, match="top_k"):
+        generate(dream, prompt, gen_length=8, steps=8, remasking="entropy", top_k=-1)

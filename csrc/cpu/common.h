@@ -53,6 +53,17 @@ inline const float* row_as_float(const at::Tensor& x, int64_t row, int64_t K, fl
   }
 }
 
+// The row quantizers compute scale = clip * absmax / 7 in fp32 (the contract); with clip > 1 a
+// finite row can overflow it to inf, which would give all-zero codes. Called once a row's scale
+// came out non-finite, to say so (naming the clip argument `clip_name`).
+[[noreturn]] inline void fail_scale_overflow(const char* op, const char* clip_name, double clip,
+                                             const at::Tensor& x2d, int64_t row) {
+  const double absmax = x2d[row].abs().max().item<double>();
+  TORCH_CHECK(false, "fair::", op, ": the int4 scale ", clip_name, " * absmax / 7 of x's row ",
+              row, " overflows float32 (", clip_name, "=", clip, ", absmax=", absmax,
+              "); use a smaller ", clip_name, " or rescale x");
+}
+
 inline void check_cpu(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.device().is_cpu(), "fair::", op, ": all tensors must be on the same device; ",
               name, " is on ", t.device(), ", expected cpu");

@@ -80,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_int4_cpu(const at::Tensor& x_in, dou
   uint8_t* out = packed.data_ptr<uint8_t>();
   float* sc = scale.data_ptr<float>();
   const float clip_f = float(clip);
-  std::atomic<int64_t> bad_row{-1};
+  std::atomic<int64_t> bad_row{-1}, overflow_row{-1};
   at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
     auto fbuf = aligned_buffer<float>(K);
     auto qbuf = aligned_buffer<int8_t>(K);
@@ -92,6 +92,11 @@ std::tuple<at::Tensor, at::Tensor> quantize_int4_cpu(const at::Tensor& x_in, dou
         bad_row.compare_exchange_strong(none, r);
         return;
       }
+      if (!std::isfinite(sc[r])) {  // finite row, clip > 1: clip * absmax overflowed
+        int64_t none = -1;
+        overflow_row.compare_exchange_strong(none, r);
+        return;
+      }
       uint8_t* o = out + r * (K / 2);
       for (int64_t j = 0; j < K / 2; ++j) {
         o[j] = uint8_t((qbuf[2 * j] & 0xF) | ((qbuf[2 * j + 1] & 0xF) << 4));
@@ -100,6 +105,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_int4_cpu(const at::Tensor& x_in, dou
   });
   TORCH_CHECK(bad_row.load() < 0, "fair::quantize_int4: x has inf or NaN in row ", bad_row.load(),
               "; quantization needs finite input");
+  if (overflow_row.load() >= 0) {
+    fail_scale_overflow("quantize_int4", "clip", clip, x.reshape({R, K}), overflow_row.load());
+  }
   return {packed, scale};
 }
 

@@ -271,7 +271,7 @@ at::Tensor w4a4_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
   ActBuffer act = make_act_buffer(kt, M, K);
   auto a_scale = aligned_buffer<float>(M);
   const float clip_f = float(act_clip);
-  std::atomic<int64_t> bad_row{-1};
+  std::atomic<int64_t> bad_row{-1}, overflow_row{-1};
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
     auto fbuf = aligned_buffer<float>(K);
     for (int64_t m = begin; m < end; ++m) {
@@ -282,11 +282,19 @@ at::Tensor w4a4_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
         bad_row.compare_exchange_strong(none, m);
         return;
       }
+      if (!std::isfinite(a_scale[m])) {  // finite row, act_clip > 1: the scale overflowed
+        int64_t none = -1;
+        overflow_row.compare_exchange_strong(none, m);
+        return;
+      }
       std::memset(dst + K, 0, size_t(act.Kp - K));
     }
   });
   TORCH_CHECK(bad_row.load() < 0, "fair::w4a4_linear: x has inf or NaN in row ", bad_row.load(),
               " (of the flattened [M, K] input); quantization needs finite input");
+  if (overflow_row.load() >= 0) {
+    fail_scale_overflow("w4a4_linear", "act_clip", act_clip, x.reshape({M, K}), overflow_row.load());
+  }
   at::Tensor out2d = out.view({M, N});
   gemm_to(kt, act, w.const_data_ptr<uint8_t>(), N, a_scale.get(),
           w_scale.const_data_ptr<float>(), bias.has_value() ? bias_f.const_data_ptr<float>() : nullptr,

@@ -113,7 +113,9 @@ at::Tensor weighted_mse_cpu(const at::Tensor& a_in, const at::Tensor& b_in,
       default: TORCH_CHECK(false, "fair::weighted_mse: unsupported dtype ", a.scalar_type());
     }
   }
-  return at::scalar_tensor(total, a.options());
+  // Through a float64 tensor: the cast to a's dtype rounds an out-of-range sum to inf, as torch's
+  // own reductions do (a scalar_tensor of a's dtype would refuse it with an overflow error).
+  return at::scalar_tensor(total, a.options().dtype(at::kDouble)).to(a.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor> weighted_mse_backward_cpu(const at::Tensor& grad,

@@ -139,13 +139,19 @@ std::tuple<Tensor, Tensor> quantize_int4_cuda(const Tensor& x, double clip) {
   check_arch(op, x);
   std::vector<int64_t> lead(x.sizes().begin(), x.sizes().end() - 1);
   const int64_t rows = c10::multiply_integers(lead);
-  auto [packed, scale] = quantize_rows(op, x.contiguous().reshape({rows, k}), clip);
-  if (rows > 0) {
-    // The kernel marks a row with inf/NaN by a NaN scale. Raise like the CPU op does; this
+  const Tensor x2d = x.contiguous().reshape({rows, k});
+  auto [packed, scale] = quantize_rows(op, x2d, clip);
+  if (rows > 0 && !at::isfinite(scale).all().item<bool>()) {
+    // The kernel marks a row with inf/NaN by a NaN scale; a finite row whose clip * absmax
+    // overflows fp32 (clip > 1) gets an inf scale and codes 0. Raise like the CPU op does; this
     // costs a device sync, so w4a4_linear (the hot path) skips it and lets NaN propagate.
     const Tensor bad = scale.isnan().nonzero();
     TORCH_CHECK(bad.numel() == 0, "fair::quantize_int4: x has inf or NaN in row ",
                 bad.numel() > 0 ? bad[0].item<int64_t>() : -1, "; quantization needs finite input");
+    const int64_t row = scale.isinf().nonzero()[0].item<int64_t>();
+    TORCH_CHECK(false, "fair::quantize_int4: the int4 scale clip * absmax / 7 of x's row ", row,
+                " overflows float32 (clip=", clip, ", absmax=",
+                x2d[row].abs().max().item<double>(), "); use a smaller clip or rescale x");
   }
   std::vector<int64_t> psizes = lead;
   psizes.push_back(k / 2);
@@ -242,8 +248,9 @@ Tensor w4a4_linear_cuda(const Tensor& x, const Tensor& w, const Tensor& w_scale,
   const int64_t m = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
   if (m == 0 || n == 0) return out;
   // One quantize kernel, then the GEMM: the only extra traffic is the packed int4 activation
-  // (K/2 bytes + one fp32 scale per token). A row with inf/NaN gets a NaN scale, so its
-  // outputs are NaN (raising would need a device sync on every call).
+  // (K/2 bytes + one fp32 scale per token). A row with inf/NaN gets a NaN scale, and a row whose
+  // act_clip * absmax overflows fp32 an inf scale with codes 0, so its outputs are NaN either way
+  // (raising, as the CPU op does, would need a device sync on every call).
   auto [packed, scale] = quantize_rows(op, x.contiguous().reshape({m, k}), act_clip);
   Tensor out2d = out.view({m, n});
   gemm_into(op, packed, scale, w, w_scale, bias, out2d);

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..quant.gptq import GPTQ
-from ..quant.modules import PendingLinear, QuantLinear, kernels_available
+from ..quant.modules import PendingLinear, QuantLinear, kernel_report, kernels_available
 from ..quant.quantizer import quantize_ref
 from .data import CalibData, position_weights
 from .methods import BlockContext, MethodConfig, _linears, _pending_plain, get_transform
@@ -334,7 +334,7 @@ def calibrate(
         if stop_after is not None and i + 1 >= stop_after and i + 1 < n_layers:
             return model
     log({"event": "summary", "method": cfg.method, "seconds": round(time.time() - t0, 3),
-         **peak_memory_mb(device)})
+         **peak_memory_mb(device), **kernel_report(model)})  # which int4 path the W4A4 layers use
     model.quantization_config = {  # type: ignore[attr-defined]
         "method": cfg.method, "config": cfg.to_dict(),
         "prior": getattr(prior, "settings", None) if prior is not None and not isinstance(prior, torch.Tensor) else None,

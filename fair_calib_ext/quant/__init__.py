@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from .gptq import GPTQ
 from .hadamard import fwht, hadamard_matrix, hadamard_transform
-from .modules import OnlineTransform, PendingLinear, QuantLinear, RefQuantLinear, kernels_available
+from .modules import (OnlineTransform, PendingLinear, QuantLinear, RefQuantLinear, kernel_path, kernel_report,
+                      kernels_available)
 from .quantizer import QuantConfig, dequantize, fake_quant, quantize_ref, round_ste
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "fwht",
     "hadamard_matrix",
     "hadamard_transform",
+    "kernel_path",
+    "kernel_report",
     "kernels_available",
     "quantize_ref",
     "round_ste",

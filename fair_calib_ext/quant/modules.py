@@ -7,35 +7,83 @@
 Linear_q is ``fair_calib_ext.nn.W4A4Linear`` (real int4 kernels, ``torch.ops.fair.w4a4_linear``)
 for W4A4 when the extension is built, otherwise :class:`RefQuantLinear`, the pure-torch reference
 with the same buffers (packed int4 weights + fp32 scales), used for W4A8 / W8A8 / W4A16 and
-as a fallback. Both hold the weights exactly as quantized by the method (RTN or GPTQ): the
-scales are stored, never recomputed from dequantized values.
+as a fallback (a W4A4 fallback warns once per process; :func:`kernel_path` says which ran).
+Both hold the weights exactly as quantized by the method (RTN or GPTQ): the scales are stored,
+never recomputed from dequantized values.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
 from .hadamard import hadamard_transform
-from .quantizer import dequantize, fake_quant, pack_int4_ref, unpack_int4_ref
+from .quantizer import check_codes, dequantize, fake_quant, pack_int4_ref, unpack_int4_ref
 
-__all__ = ["OnlineTransform", "RefQuantLinear", "QuantLinear", "PendingLinear", "kron_apply", "kernels_available"]
+__all__ = ["OnlineTransform", "RefQuantLinear", "QuantLinear", "PendingLinear", "kron_apply", "kernels_available",
+           "kernel_path", "kernel_report"]
 
 
 def kernels_available() -> bool:
-    """True when the compiled ``fair`` ops and W4A4Linear are importable."""
-    try:
-        import fair_calib_ext as pkg
+    """True when the compiled ``fair`` ops (``fair_calib_ext._C``) loaded."""
+    import fair_calib_ext as pkg
 
-        if getattr(pkg, "_C", None) is None:
-            return False
-        from fair_calib_ext.nn import W4A4Linear  # noqa: F401
+    return getattr(pkg, "_C", None) is not None
 
-        return True
-    except Exception:  # noqa: BLE001 - any import problem means "not available"
-        return False
+
+_FALLBACK_WARNED = False  # one warning per process, however many layers fall back
+
+
+def _warn_fallback() -> None:
+    global _FALLBACK_WARNED
+    if _FALLBACK_WARNED:
+        return
+    _FALLBACK_WARNED = True
+    import fair_calib_ext as pkg
+
+    warnings.warn(
+        f"fair_calib_ext._C did not load ({pkg._C_ERROR!r}): W4A4 layers run on the pure-torch "
+        "fake-quant reference, not on the int4 kernels (same numerics up to fp32 rounding, much "
+        "slower); install the package with `pip install .` to build the kernels",
+        UserWarning, stacklevel=3)
+
+
+def kernel_path(module: nn.Module | None = None) -> str:
+    """Which code runs the W4A4 matmuls.
+
+    With ``module``: over its W4A4 :class:`QuantLinear` layers, ``"kernels"`` (all on
+    ``torch.ops.fair.w4a4_linear``), ``"reference"`` (all on the pure-torch fake-quant
+    reference), ``"mixed"``, or ``"none"`` (no W4A4 layer). Without: what a new W4A4 layer
+    would use now (``"kernels"`` or ``"reference"``).
+    """
+    if module is None:
+        return "kernels" if kernels_available() else "reference"
+    paths = {m.uses_kernels for m in module.modules()
+             if isinstance(m, QuantLinear) and m.w_bits == 4 and m.a_bits == 4}
+    if not paths:
+        return "none"
+    if len(paths) == 2:
+        return "mixed"
+    return "kernels" if paths.pop() else "reference"
+
+
+def kernel_report(module: nn.Module | None = None) -> dict[str, Any]:
+    """What calibration/evaluation logs record about the int4 path: ``kernel_path`` (see
+    :func:`kernel_path`), ``cpu_isa`` (the CPU kernel path in use, None without the extension)
+    and ``extension_error`` (why ``fair_calib_ext._C`` did not load, else None)."""
+    import fair_calib_ext as pkg
+
+    isa = None
+    if kernels_available():
+        from fair_calib_ext import ops
+
+        isa = ops.get_cpu_isa()
+    err = getattr(pkg, "_C_ERROR", None)
+    return {"kernel_path": kernel_path(module), "cpu_isa": isa,
+            "extension_error": repr(err) if err is not None else None}
 
 
 def kron_apply(x: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None) -> torch.Tensor:
@@ -138,8 +186,9 @@ class RefQuantLinear(nn.Module):
     def set_weight(self, q: torch.Tensor, scale: torch.Tensor) -> None:
         """Store integer weights q [N, K] (or fp weights when w_bits == 16) and scales [N]."""
         if self.w_bits == 4:
-            self.weight_packed = pack_int4_ref(q.to(torch.int8))
+            self.weight_packed = pack_int4_ref(q)  # range-checked: never wraps a code
         elif self.w_bits == 8:
+            check_codes(q, 8)
             self.weight_q = q.to(torch.int8).contiguous()
         else:
             self.weight = q.float().contiguous()
@@ -180,9 +229,12 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.w_bits, self.a_bits, self.act_clip = w_bits, a_bits, float(act_clip)
         self.transform = transform
+        w4a4 = w_bits == 4 and a_bits == 4
         if use_kernels is None:
             use_kernels = kernels_available()
-        self.uses_kernels = bool(use_kernels and w_bits == 4 and a_bits == 4)
+            if w4a4 and not use_kernels:  # not asked for: say so, once
+                _warn_fallback()
+        self.uses_kernels = bool(use_kernels and w4a4)
         if self.uses_kernels:
             from fair_calib_ext.nn import W4A4Linear
 
@@ -235,13 +287,14 @@ class QuantLinear(nn.Module):
 
 
 def _pack(q: torch.Tensor) -> torch.Tensor:
-    """Kernel packing when available (identical layout to the reference)."""
-    try:
-        from fair_calib_ext import ops
-
-        return ops.pack_int4(q.to(torch.int8).contiguous())
-    except Exception:  # noqa: BLE001 - ops not built: the reference packs identically
+    """int4 codes [N, K] -> packed uint8 [N, K/2]: the kernel's pack when the extension is
+    built, else the reference (same layout). Out-of-range codes raise ValueError."""
+    check_codes(q, 4)  # before the int8 cast, which could wrap a code into range
+    if not kernels_available():
         return pack_int4_ref(q)
+    from fair_calib_ext import ops
+
+    return ops.pack_int4(q.to(torch.int8).contiguous())
 
 
 class PendingLinear(nn.Module):

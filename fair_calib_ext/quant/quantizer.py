@@ -31,6 +31,7 @@ __all__ = [
     "dequantize",
     "fake_quant",
     "round_ste",
+    "check_codes",
     "pack_int4_ref",
     "unpack_int4_ref",
     "search_weight_clip",
@@ -164,10 +165,25 @@ def fake_quant(x: torch.Tensor, bits: int, clip: float | torch.Tensor = 1.0) -> 
     return (q * scale).to(x.dtype)
 
 
+def check_codes(q: torch.Tensor, bits: int, name: str = "q") -> None:
+    """Raises ValueError unless the integer tensor ``q`` holds codes of a ``bits``-bit signed
+    quantizer ([-8, 7] for 4 bits). Checked on q's own dtype, before any narrowing cast could
+    wrap an out-of-range code into range (8 -> -8 in 4 bits, 300 -> 44 in int8)."""
+    if q.dtype.is_floating_point or q.dtype == torch.bool or q.dtype.is_complex:
+        raise ValueError(f"{name} must be an integer tensor of {bits}-bit codes, got {q.dtype}")
+    lo, hi = -qmax_for(bits) - 1, qmax_for(bits)
+    if q.numel() and (int(q.min()) < lo or int(q.max()) > hi):
+        raise ValueError(f"{name} holds values outside [{lo}, {hi}] (min {int(q.min())}, max {int(q.max())}); "
+                         f"{bits}-bit codes must lie in [{lo}, {hi}]")
+
+
 def pack_int4_ref(q: torch.Tensor) -> torch.Tensor:
-    """int8 [R, K] in [-8, 7], K even -> uint8 [R, K/2]; low nibble = even column."""
+    """int [R, K] codes in [-8, 7], K even -> uint8 [R, K/2]; low nibble = even column.
+
+    Out-of-range codes raise ValueError (masking them to 4 bits would flip their sign)."""
     if q.shape[-1] % 2:
         raise ValueError(f"pack_int4_ref: K must be even, got {q.shape[-1]}")
+    check_codes(q, 4)
     u = (q.to(torch.int16) & 0xF).to(torch.uint8)
     return (u[..., 0::2] | (u[..., 1::2] << 4)).contiguous()
 

@@ -12,7 +12,8 @@ Two schedules, both written from the official algorithms:
   tokens (all that are left on the last step), chosen by ``entropy`` (negative entropy),
   ``margin`` (p1 − p2), ``maskgit_plus``/``low_confidence`` (candidate prob), ``random``, or
   ``origin`` (every masked slot independently with probability 1 − s/t). Temperature, top-p and
-  top-k shape the candidate distribution *before* confidences are computed, as in Dream.
+  top-k shape the candidate distribution *before* confidences are computed, as in Dream; top-k
+  defaults to 50 there, as in the official code (see ``DREAM_DEFAULT_TOP_K``).
 
 Both use aligned logits (Dream's raw logits shifted right by one). Commits are never undone.
 """
@@ -32,10 +33,16 @@ __all__ = [
     "num_transfer_tokens",
     "dream_timesteps",
     "REMASKING",
+    "DREAM_DEFAULT_TOP_K",
     "generation_defaults",
 ]
 
 REMASKING = ("low_confidence", "random", "margin", "entropy", "maskgit_plus", "origin")
+# Dream's diffusion_generate builds its generation config from the model config, which in
+# transformers 4.x carries PretrainedConfig's top_k = 50 (and top_p = 1.0): unless the caller or
+# the checkpoint sets top_k, the official sampler truncates to the 50 largest logits before the
+# confidence (entropy, margin, ...) is computed and before sampling.
+DREAM_DEFAULT_TOP_K = 50
 _ALIASES = {"topk_margin": "margin"}
 
 
@@ -260,7 +267,7 @@ def _dream_candidates(
         logits = logits / temperature
     if top_p is not None and top_p < 1:
         logits = _top_p(logits, top_p)
-    if top_k is not None:
+    if top_k:  # None or 0: the full distribution
         logits = _top_k(logits, top_k)
     probs = torch.softmax(logits, dim=-1)
     if temperature > 0 and probs.shape[0] > 0:
@@ -370,8 +377,12 @@ def generate(
 
     ``remasking``: low_confidence | random | margin | entropy (both schedules), maskgit_plus
     (= low_confidence) and origin (dream only). ``top_p``/``top_k``/``alg_temp``/``eps`` (dream
-    schedule) default to the checkpoint's generation_config.json, then to Dream's defaults
-    (None, None, None, 1e-3). ``temperature`` > 0 samples (LLaDA: Gumbel-max in float64);
+    schedule) default to the checkpoint's generation_config.json, then to the official Dream
+    defaults (None, 50, None, 1e-3). ``top_k = 50`` is what Dream's ``diffusion_generate``
+    inherits from transformers' model-config default: the logits are cut to the 50 largest
+    *before* the confidence (e.g. the entropy) is computed, which changes which positions
+    commit. ``top_k=0`` (or ``"top_k": null`` in generation_config.json) keeps the full
+    distribution. ``temperature`` > 0 samples (LLaDA: Gumbel-max in float64);
     randomness comes from ``generator`` (or the global RNG when None).
 
     ``stop_at_eos``: once a block completes (dream schedule: after any step) and every row has
@@ -424,7 +435,10 @@ def generate(
             raise ValueError("the dream schedule has no blocks; pass block_length=None")
         defaults = generation_defaults(model)
         top_p = top_p if top_p is not None else defaults.get("top_p")
-        top_k = top_k if top_k is not None else defaults.get("top_k")
+        if top_k is None:  # the checkpoint's value (null disables it), else Dream's official 50
+            top_k = defaults["top_k"] if "top_k" in defaults else DREAM_DEFAULT_TOP_K
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+            raise ValueError(f"top_k must be an int >= 0 (0: no truncation), got {top_k!r}")
         alg_temp = alg_temp if alg_temp is not None else defaults.get("alg_temp")
         eps = eps if eps is not None else defaults.get("eps", 1e-3)
 
