@@ -340,57 +340,91 @@ def _fmt(m: float | None, s: float | None, d: int = 1, unit: str = "") -> str:
     return f"{m:.{d}f}{unit}" + (f" ± {s:.{d}f}" if s is not None else "")
 
 
-def pattern_section(model: str, res: dict[str, list[dict[str, Any]]]) -> list[str]:
-    """Plain statements comparing the measured pattern with the paper's."""
-    lines = []
-    get = lambda row, path, sc=100.0: _avg(res.get(row, []), path, sc)  # noqa: E731
-    acc = {r: get(r, "tasks.avg") for r in res}
-    flips = {r: get(r, "metrics.flips.rate") for r in res}
-    mism = {r: get(r, "metrics.mismatch.rate") for r in res}
-    order = [r for r in ("FAIR-Calib", "FlatQuant", "QuaRot", "RTN") if acc.get(r, (None,))[0] is not None]
-    if len(order) >= 2:
-        vals = [acc[r][0] for r in order]
-        holds = all(a > b for a, b in zip(vals, vals[1:]))
-        lines.append(f"- Average accuracy order FAIR-Calib > FlatQuant > QuaRot > RTN (paper): "
-                     f"{'**holds**' if holds else '**does not hold**'} — "
-                     + ", ".join(f"{r} {acc[r][0]:.1f}%" for r in order) + ".")
-    fp, fq, fa = acc.get("FP", (None,))[0], acc.get("FlatQuant", (None,))[0], acc.get("FAIR-Calib", (None,))[0]
-    if None not in (fp, fq, fa):
-        gap = fp - fq
-        if gap <= 0:
-            lines.append(f"- FlatQuant→FP accuracy gap: none to close (FP {fp:.1f}%, FlatQuant {fq:.1f}%); "
-                         f"FAIR-Calib {fa:.1f}%.")
+def _by_seed(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(runs, key=lambda r: r["seed"])
+
+
+def acc_grid(runs: list[dict[str, Any]]) -> torch.Tensor:
+    """[seeds, prompts] 0/1 correctness of the test examples (all tasks, the suite's order)."""
+    return torch.tensor([[c == "1" for c in r["tasks"]["correct"]] for r in _by_seed(runs)], dtype=torch.float64)
+
+
+def flip_grids(runs: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """([seeds, prompts] flips, [seeds, prompts] commits) of the mechanism-metric prompts."""
+    pp = [r["metrics"]["flips"]["per_prompt"] for r in _by_seed(runs)]
+    t = torch.tensor(pp, dtype=torch.float64)  # [S, P, 2]
+    return t[..., 0], t[..., 1]
+
+
+def paired(res: dict[str, list[dict[str, Any]]], a: str, b: str, n_boot: int) -> dict[str, Any] | None:
+    """Paired differences A − B over the seeds both have (a single-seed row pairs with every seed)."""
+    ra, rb = res.get(a, []), res.get(b, [])
+    if not ra or not rb:
+        return None
+    sa, sb = {r["seed"] for r in ra}, {r["seed"] for r in rb}
+    common = sa & sb
+    if len(sa) > 1 and len(sb) > 1:
+        ra, rb = [r for r in ra if r["seed"] in common], [r for r in rb if r["seed"] in common]
+    if not ra or not rb:
+        return None
+    acc = paired_diff_mean(acc_grid(ra), acc_grid(rb), n_boot=n_boot)
+    fa, ca = flip_grids(ra)
+    fb, cb = flip_grids(rb)
+    flips = paired_diff_ratio(fa, ca, fb, cb, n_boot=n_boot)
+    return {"a": a, "b": b, "acc": acc.to_dict(), "flips": flips.to_dict(),
+            "acc_a": float(acc_grid(ra).mean()), "acc_b": float(acc_grid(rb).mean()),
+            "flips_a": float(fa.sum() / ca.sum()), "flips_b": float(fb.sum() / cb.sum())}
+
+
+def _ci(d: dict[str, Any], scale: float = 100.0, digits: int = 2) -> str:
+    return (f"{scale * d['diff']:+.{digits}f} [{scale * d['lo']:+.{digits}f}, {scale * d['hi']:+.{digits}f}]"
+            + (" *" if d["significant"] else ""))
+
+
+def paired_table(rows: list[tuple[str, dict[str, Any], str]]) -> list[str]:
+    out = ["| model | A − B | isolates | acc A / B % | Δ acc, points [95% CI] | MDE acc | flips A / B % | "
+           "Δ flips, points [95% CI] | Δ flips, relative [95% CI] | seeds × prompts |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for model, p, what in rows:
+        fl = p["flips"]
+        rel = (f"{100 * fl['rel']:+.0f}% [{100 * fl['rel_lo']:+.0f}%, {100 * fl['rel_hi']:+.0f}%]"
+               if fl["rel"] is not None else "n/a")
+        out.append(f"| {model} | {p['a']} − {p['b']} | {what} | {100 * p['acc_a']:.1f} / {100 * p['acc_b']:.1f} | "
+                   f"{_ci(p['acc'])} | {100 * p['acc']['mde']:.2f} | {100 * p['flips_a']:.2f} / "
+                   f"{100 * p['flips_b']:.2f} | {_ci(fl)} | {rel} | {p['acc']['n_seeds']} × {p['acc']['n_prompts']} "
+                   f"/ {fl['n_prompts']} |")
+    return out
+
+
+def targets(model: str, res: dict[str, list[dict[str, Any]]], p: dict[str, Any] | None) -> list[str]:
+    """The issue's targets for FAIR-Calib vs FlatQuant, judged on the paired CIs."""
+    if p is None:
+        return [f"- {model}: FAIR-Calib or FlatQuant missing."]
+    fp = _avg(res.get("FP", []), "tasks.avg", 100.0)[0]
+    out = []
+    fl, ac = p["flips"], p["acc"]
+    cut = -fl["rel"] if fl["rel"] is not None else None
+    if cut is not None:
+        ok = fl["rel_hi"] <= -0.30
+        out.append(f"- {model}: flips {100 * p['flips_a']:.2f}% vs {100 * p['flips_b']:.2f}% "
+                   f"({100 * cut:.0f}% fewer, 95% CI of the change {100 * fl['rel_lo']:+.0f}% to {100 * fl['rel_hi']:+.0f}%). "
+                   f"Target ≥ 30% fewer with the CI excluding 0: **{'met' if ok and fl['significant'] else 'not met'}**.")
+    if fp is not None:
+        gap = fp - 100 * p["acc_b"]
+        if gap > 0:
+            closed = 100 * ac["diff"] / gap
+            lo, hi = 100 * ac["lo"] / gap, 100 * ac["hi"] / gap
+            out.append(f"- {model}: FlatQuant→FP gap {gap:.1f} points; FAIR-Calib closes {100 * closed:.0f}% of it "
+                       f"(CI {100 * lo:.0f}% to {100 * hi:.0f}%). Target ≥ 50% with the CI excluding 0: "
+                       f"**{'met' if closed >= 0.5 and ac['significant'] and ac['diff'] > 0 else 'not met'}**.")
         else:
-            closed = (fa - fq) / gap
-            lines.append(f"- FAIR-Calib closes {100 * closed:.0f}% of the FlatQuant→FP gap ({fq:.1f}% → {fa:.1f}%, "
-                         f"FP {fp:.1f}%); target ≥ 50%: {'**met**' if closed >= 0.5 else '**not met**'}.")
-        sd = max((acc["FAIR-Calib"][1] or 0.0), (acc["FlatQuant"][1] or 0.0))
-        if sd and abs(fa - fq) <= sd:
-            lines.append(f"  The FAIR-Calib − FlatQuant difference ({fa - fq:+.1f} points) is within one seed std "
-                         f"({sd:.1f}): not distinguishable at this scale.")
-    ff, fl = flips.get("FAIR-Calib", (None,))[0], flips.get("FlatQuant", (None,))[0]
-    if ff is not None and fl is not None and fl > 0:
-        cut = 1 - ff / fl
-        lines.append(f"- Frontier flips: FAIR-Calib {ff:.2f}% vs FlatQuant {fl:.2f}% ({100 * cut:+.0f}% reduction); "
-                     f"target ≥ 30%: {'**met**' if cut >= 0.3 else '**not met**'}.")
-    mf, ml = mism.get("FAIR-Calib", (None,))[0], mism.get("FlatQuant", (None,))[0]
-    if mf is not None and ml is not None:
-        lines.append(f"- Post-commit mismatch: FAIR-Calib {mf:.2f}% vs FlatQuant {ml:.2f}% "
-                     f"({'fewer' if mf < ml else 'not fewer'}, paper: fewer).")
-    lag = {r: get(r, "metrics.lag.p90", 1.0)[0] for r in ("FP", "FlatQuant", "FAIR-Calib") if r in res}
-    if all(v is not None for v in lag.values()) and len(lag) == 3:
-        lines.append(f"- Stability-lag tail (p90, steps): FP {lag['FP']:.1f}, FlatQuant {lag['FlatQuant']:.1f}, "
-                     f"FAIR-Calib {lag['FAIR-Calib']:.1f} (paper: uniform PTQ lengthens the tail, FAIR shortens it).")
-    ab = {r: acc.get(r, (None,))[0] for r in ("uniform", "frontier-only", "masked-only", "FAIR-Calib")}
-    if all(v is not None for v in ab.values()):
-        best = max(ab, key=lambda k: ab[k])
-        lines.append("- Prior ablation (paper: both > frontier-only ≈ masked-only > uniform): "
-                     + ", ".join(f"{k} {v:.1f}%" for k, v in ab.items()) + f"; best here: {best}.")
-    if acc.get("late boost", (None,))[0] is not None and fa is not None:
-        lines.append(f"- Early vs late boost (paper: early better): early {fa:.1f}% vs late {acc['late boost'][0]:.1f}%.")
-    lines += diagnostics(res)
-    lines += prior_investigation(res)
-    return lines
+            out.append(f"- {model}: no FlatQuant→FP gap to close (FP {fp:.1f}%, FlatQuant {100 * p['acc_b']:.1f}%).")
+    half_acc = 100 * (ac["hi"] - ac["lo"]) / 2
+    half_rel = 100 * (fl["rel_hi"] - fl["rel_lo"]) / 2 if fl["rel"] is not None else float("nan")
+    out.append(f"- {model}: resolution — accuracy CI half-width {half_acc:.2f} points (bar ≤ 1), relative-flip CI "
+               f"half-width {half_rel:.0f}% (bar ≤ 10%); minimal detectable effect {100 * ac['mde']:.2f} accuracy "
+               f"points, {100 * fl['mde']:.2f} flip points.")
+    return out
 
 
 def _pearson(x: list[float], y: list[float]) -> float | None:
@@ -402,97 +436,34 @@ def _pearson(x: list[float], y: list[float]) -> float | None:
     return float((t[0] * t[1]).sum()) / den if den > 0 else None
 
 
-def prior_investigation(res: dict[str, list[dict[str, Any]]]) -> list[str]:
-    """Does the prior point where the flips are, and where did the weighted objective spend its
-    budget? (seed-0 priors; flip profile of FlatQuant's seed-0 run; visible-text KL over seeds)."""
+def diagnostics(model: str, res: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Where the flips are, where the priors point, where Stage II spent its error budget."""
     out: list[str] = []
-    first = {r: v[0] for r, v in res.items() if v}
-    acc = {r: _avg(v, "tasks.avg", 100.0)[0] for r, v in res.items()}
-    flips = {r: _avg(v, "metrics.flips.rate", 100.0)[0] for r, v in res.items()}
-    for r in ("λ0 exp", "outside=1"):
-        if None not in (acc.get(r), acc.get("FAIR-Calib"), acc.get("uniform"), flips.get(r)):
-            out.append(f"- {r}: {acc[r]:.1f}% / {flips[r]:.2f}% flips (FAIR-Calib default {acc['FAIR-Calib']:.1f}% / "
-                       f"{flips['FAIR-Calib']:.2f}%, uniform {acc['uniform']:.1f}% / {flips['uniform']:.2f}%).")
-    ref = first.get("FlatQuant") or first.get("uniform")
-    if ref and "metrics" in ref and ref["metrics"]["flips"].get("by_position"):
+    first = {r: _by_seed(v)[0] for r, v in res.items() if v}
+    ref = first.get("FlatQuant")
+    if ref and ref.get("metrics", {}).get("flips", {}).get("by_position"):
         prof = ref["metrics"]["flips"]["by_position"]
         ok = [i for i, v in enumerate(prof) if v is not None]
-        prof_s = ", ".join(f"{100 * prof[i]:.1f}" for i in ok)
-        out.append(f"- Where the flips are ({ref['row']} seed {ref['seed']}, flip % by generation position): "
-                   f"{prof_s}.")
+        out.append(f"- Where FlatQuant's flips are (seed {ref['seed']}, flip % by generation position): "
+                   + ", ".join(f"{100 * prof[i]:.1f}" for i in ok) + ".")
         cors = []
-        for r in ("FAIR-Calib", "frontier-only", "masked-only", "late boost", "λ0 exp"):
+        for r in ("FAIR-Calib", "FAIR old", "FAIR[literal]", "FAIR[sampler]"):
             pr = first.get(r, {}).get("prior")
             if pr and len(pr["weights"]) == len(prof):
                 w = pr["weights"]
                 c = _pearson([w[i] for i in ok], [prof[i] for i in ok])
-                shape = f"w from {min(w):.2f} to {max(w):.2f}, first/last position {w[0]:.2f}/{w[-1]:.2f}"
-                cors.append(f"{r} ({shape}; r = {'n/a' if c is None else f'{c:+.2f}'})")
+                cors.append(f"{r} ({pr.get('preset')}: w {min(w):.2f}–{max(w):.2f}, max/min {max(w) / max(min(w), 1e-9):.1f}; "
+                            f"r = {'n/a' if c is None else f'{c:+.2f}'})")
         if cors:
-            out.append("- Priors and their correlation with that flip profile: " + "; ".join(cors) + ".")
-    kl = {}
-    for r in ("FlatQuant", "uniform", "FAIR-Calib", "outside=1", "λ0 exp"):
-        win = _avg(res.get(r, []), "visible_kl.window")[0]
-        oth = _avg(res.get(r, []), "visible_kl.outside")[0]
+            out.append("- Priors (seed-first run) and their correlation with that flip profile: " + "; ".join(cors) + ".")
+    kl = []
+    for r in ("FlatQuant", "FAIR uniform", "FAIR-Calib", "FAIR old", "FAIR[sampler]"):
+        win, oth = _avg(res.get(r, []), "visible_kl.window")[0], _avg(res.get(r, []), "visible_kl.outside")[0]
         if win is not None and oth is not None:
-            kl[r] = (win, oth)
+            kl.append(f"{r} {win:.4f} / {oth:.4f}")
     if kl:
-        out.append("- Where Stage II spent its error budget (KL(FP ‖ model) on visible held-out text, prior window / "
-                   "before it): " + ", ".join(f"{r} {w:.4f} / {o:.4f}" for r, (w, o) in kl.items()) + ".")
-    return out
-
-
-def diagnostics(res: dict[str, list[dict[str, Any]]]) -> list[str]:
-    """Where the differences come from: input convention, the prior itself, early/late steps,
-    small-margin decisions (first seed's runs for the breakdowns)."""
-    out: list[str] = []
-    acc = {r: _avg(v, "tasks.avg", 100.0)[0] for r, v in res.items()}
-    flips = {r: _avg(v, "metrics.flips.rate", 100.0)[0] for r, v in res.items()}
-    if None not in (acc.get("FlatQuant"), acc.get("uniform"), flips.get("FlatQuant"), flips.get("uniform")):
-        out.append(f"- Input convention (same learning, w̄ ≡ 1): FP inputs (FlatQuant) {acc['FlatQuant']:.1f}% / "
-                   f"{flips['FlatQuant']:.2f}% flips vs quantized prefix (uniform) {acc['uniform']:.1f}% / "
-                   f"{flips['uniform']:.2f}% flips.")
-    if None not in (acc.get("uniform"), acc.get("FAIR-Calib"), flips.get("uniform"), flips.get("FAIR-Calib")):
-        out.append(f"- The prior alone (same engine and inputs): uniform {acc['uniform']:.1f}% / {flips['uniform']:.2f}% "
-                   f"flips vs FAIR-Calib {acc['FAIR-Calib']:.1f}% / {flips['FAIR-Calib']:.2f}% flips.")
-    first = {r: v[0] for r, v in res.items() if v and "metrics" in v[0]}
-    for r in ("FlatQuant", "FAIR-Calib"):
-        if r not in first:
-            return out
-    def halves(r: str) -> tuple[float | None, float | None]:
-        f = first[r]["metrics"]["flips"]
-        n = f["commits_by_step_decile"]
-        rates = f["by_step_decile"]
-        def part(ds):
-            num = sum((rates[d] or 0.0) * n[d] for d in ds)
-            den = sum(n[d] for d in ds)
-            return 100.0 * num / den if den else None
-        return part(range(5)), part(range(5, 10))
-    (e1, l1), (e2, l2) = halves("FlatQuant"), halves("FAIR-Calib")
-    if None not in (e1, l1, e2, l2):
-        out.append(f"- Flips in the first / second half of the steps (seed {first['FAIR-Calib']['seed']}): "
-                   f"FlatQuant {e1:.2f}% / {l1:.2f}%, FAIR-Calib {e2:.2f}% / {l2:.2f}%.")
-    def low_margin(r: str) -> str:
-        b = [x for x in first[r]["metrics"]["flips"]["by_margin"] if x["hi"] <= 0.1 and x["n"]]
-        n = sum(x["n"] for x in b)
-        k = sum((x["rate"] or 0.0) * x["n"] for x in b)
-        return f"{100.0 * k / n:.1f}% of {n}" if n else "none"
-    out.append(f"- Flip rate on small-margin commits (teacher p1 − p2 < 0.1): FlatQuant {low_margin('FlatQuant')}, "
-               f"FAIR-Calib {low_margin('FAIR-Calib')}.")
-    pr = first["FAIR-Calib"].get("prior")
-    if pr:
-        w = pr["weights"]
-        h = len(w) // 2
-        out.append(f"- Prior shape: min {min(w):.3f}, max {max(w):.3f}; mean over the first half of the window "
-                   f"{sum(w[:h]) / max(h, 1):.3f} vs second half {sum(w[h:]) / max(len(w) - h, 1):.3f}.")
-        if max(abs(x - 1.0) for x in w) < 0.05:
-            out.append(
-                "  The 'both' prior is nearly flat. This follows from the defaults, not from noise: with one commit "
-                "per step, a position committed at step t_c gets F = λ0(t_c) = (T − t_c + 1)/T and, if c̃ does not "
-                "depend on position, R = c̃·t_c (it is masked for t_c steps). Then F/mean F + R/mean R = "
-                "2(T + 1 − t_c)/(T + 1) + 2 t_c/(T + 1) = 2 for every position: the linear early boost and the "
-                "balanced masked term cancel exactly, and only the position dependence of c̃ is left. The "
-                "frontier-only and masked-only ablations keep their shape.")
+        out.append("- Where Stage II spent its error budget — KL(FP ‖ model) on held-out aligned samples, continuation "
+                   "window / elsewhere (mean over seeds): " + ", ".join(kl) + ".")
     return out
 
 
@@ -517,83 +488,105 @@ def _git_head() -> str:
 
 
 def write_report(runner: Runner, done: dict[tuple[str, str, int], dict[str, Any]], missing: list[tuple[str, str, int]],
-                 report: Path, wall_s: float, preset: str) -> None:
+                 report: Path, wall_s: float, preset: str, selection: dict[str, Any] | None) -> None:
     sc = runner.scale
     plot_dir = report.parent / "report_plots"
     cols = default_columns(TASKS, True, True, with_calib_time=True)
-    out: list[str] = ["# FAIR-Calib reproduction on the embedded tiny models (W4A4)", ""]
+    spec = PRIOR_PRESETS[DEFAULT_PRIOR]
+    out: list[str] = ["# FAIR-Calib on the embedded tiny models (W4A4): paired comparison", ""]
     out.append(f"Generated by `python/reproduce.py` ({preset}) on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
                f"{platform.machine()} CPU, {os.cpu_count()} cores (shared with other jobs), torch {torch.__version__}; "
-               f"{len(done)} runs, {sum(v.get('run_time_s', 0.0) for v in done.values()) / 60:.1f} min of run time in "
-               f"total (this call: {wall_s / 60:.1f} min). All numbers below were measured by these runs; nothing is "
-               "copied from the paper.")
-    out += ["", "## Setup", ""]
+               f"{len(done)} test runs, {sum(v.get('run_time_s', 0.0) for v in done.values()) / 60:.1f} min of run time "
+               f"(this call: {wall_s / 60:.1f} min wall). Every number was measured by these runs; nothing is copied "
+               "from the paper.")
+    out += ["", "## Protocol", ""]
     out.append(f"- Models: {', '.join(f'{Path(m).name} (model.safetensors sha256 {_sha(m)})' for m in sc.models)}; "
-               f"repository commit {_git_head()}; seeds "
-               f"{sc.seeds} (mean ± sample std over seeds; the seed changes the "
-               "calibration windows, the probe prompts and the methods' randomness; evaluation sets are fixed).")
-    out.append(f"- Calibration: {sc.n_calib} windows × {sc.seqlen} tokens of the train-split corpus stream; "
-               f"FlatQuant/FAIR-Calib {sc.epochs} epoch(s) per block (the paper uses 15), batch {sc.calib_batch}. "
-               "FlatQuant feeds FP inputs to the student block (its released code); FAIR-Calib and its ablations feed "
-               "the quantized prefix.")
-    out.append(f"- Stage I prior: {sc.n_probe} random-commit rollouts (blocks of {sc.probe_block}), λ0 early, "
-               "c̃ = top-1 prob, balanced λ1 = 1, floor 0.1; trailing window = generation length.")
-    out.append(f"- Ablation rows (seed{'s' if len(sc.ablation_seeds) > 1 else ''} "
-               f"{', '.join(map(str, sc.ablation_seeds))}): uniform = w̄ ≡ 1 with FAIR-Calib's engine (quantized-prefix "
-               "inputs); frontier-only / masked-only = one term of the prior; late boost = λ0(t) = t/T; λ0 exp = "
-               "exp(−3(t−1)/T), a non-linear early boost that does not cancel against the masked term; outside=1 = the "
-               "default prior but weight 1 (not the 0.1 floor) on the positions before the window, so the context "
-               "positions stay in the loss; n_probe=N = the default prior from the first N rollouts of one probing pass.")
-    out.append(f"- Evaluation: {sc.n_eval} test examples per task (exact match), MC-ELBO perplexity on {sc.n_ppl} "
-               f"held-out lines (mc_num {sc.mc_num}, common random numbers), mechanism metrics on {sc.n_metrics} "
-               "prompts (§6 definitions; flips/mismatch teacher-forced on the FP trajectory, lag on each model's own "
-               "rollout). Greedy decoding, one token per step (LLaDA low_confidence, one block; Dream entropy).")
-    out.append("- Columns: task accuracies and avg in %; ppl = exp(NELBO/token); flip %, mismatch % (+ on the teacher's "
-               "mean-disagree and never-agree subsets); KL(FP‖model) at commits; lag median/p90 in steps; calib s = "
-               "Stage II time (the Stage I probe time is listed separately in runs/*.json).")
+               f"repository commit {_git_head()}.")
+    out.append(f"- Paired design: seeds {sc.seeds}. A seed fixes the calibration samples, the probe prompts and the "
+               "methods' own randomness, identically for every method; all methods are scored on the same test "
+               f"prompts ({sc.n_eval} per task, {sc.n_eval * len(TASKS)} in all, exact match) and the same "
+               f"{sc.n_metrics} mechanism-metric prompts (flips teacher-forced on the FP trajectory). "
+               f"RTN/SmoothQuant/QuaRot/QuaRot+GPTQ ran with seed {sc.seeds[0]} only (cheap baselines; FP and RTN "
+               "do not depend on the seed).")
+    out.append(f"- Intervals: 95% percentile bootstrap of the paired difference ({sc.n_boot} replicates), resampling "
+               "seeds and prompts together (the same draws for both methods). `*` = the CI excludes 0; only those "
+               "differences are claimed. MDE = 2.8 × bootstrap SE: the smallest true difference this design finds "
+               "80% of the time.")
+    out.append(f"- Calibration: {sc.n_calib} sequences × {sc.seqlen} tokens from the train split; FlatQuant and FAIR "
+               f"rows {sc.epochs} epochs per block, batch {sc.calib_batch}. FlatQuant = FP block inputs (its code), "
+               "stream windows of task lines (WikiText-style), w ≡ 1. FAIR rows = quantized-prefix inputs; "
+               "'aligned' data = (prompt, answer + EOS fill to K) samples packed per sequence, prior position 0 on "
+               "each answer's first token, prompt positions at the floor (`calib.data`).")
+    out.append(f"- FAIR-Calib = FAIR[{DEFAULT_PRIOR}]: {spec.policy} probe"
+               + (f" (blocks of {sc.probe_block})" if spec.policy == "random" else " (the family's own sampler)")
+               + f", {sc.n_probe} rollouts of train-split task prompts, K = generation length; mode {spec.mode}, "
+               f"combine {spec.combine}, λ0 {spec.lambda0}"
+               + (f" (rate {spec.lambda0_rate})" if spec.lambda0 == "exp" else "")
+               + f", λ1 {spec.lambda1}, c̃ {spec.reliability}, floor {spec.floor}. "
+               "FAIR uniform = the same data and engine with w ≡ 1. FAIR old = the previous CLI default (stream "
+               "windows, trailing-K prior, balanced λ1 = 1, λ0 early: flat by construction). FAIR[p] = preset p of "
+               "`calib.prior.PRIOR_PRESETS` on aligned data.")
+    if selection:
+        out += ["", "## Choosing the default prior (val split only)", ""]
+        out.append("The rule, fixed in `select_default` before any candidate was scored on the test split: "
+                   "eligible = FAIR[preset] with prior max/min ≥ 1.5 on every model and seed; lowest mean val flip "
+                   f"rate wins; within {SELECT_TIE} flip points, the higher val accuracy. Val = "
+                   f"{sc.n_val} examples per task and {sc.n_val_metrics} metric prompts of the val split, seeds "
+                   f"{sc.select_seeds}, both models.")
+        out += ["", "| candidate | val flips % | val acc % | prior max/min | eligible |", "|---|---:|---:|---:|---|"]
+        for t in selection["table"]:
+            out.append(f"| {t['row']} | {t['flips']:.2f} | {t['acc']:.1f} | {t['min_ratio']:.2f} | "
+                       f"{'yes' if t['eligible'] else 'no'} |")
+        out += ["", f"Choice: **{selection['choice']}**; the code's default is FAIR[{DEFAULT_PRIOR}]."]
     if missing:
         out += ["", f"**Not run (time budget): {len(missing)} runs** — "
                 + "; ".join(f"{Path(m).name}/{r}/seed{s}" for m, r, s in missing[:40])
                 + (" ..." if len(missing) > 40 else "") + "."]
+    per_model: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for (m, r, s), v in done.items():
+        per_model.setdefault(m, {}).setdefault(r, []).append(v)
+    rows, tgt = [], []
+    for model in sc.models:
+        res = per_model.get(model, {})
+        for a, b, what in PAIRS:
+            p = paired(res, a, b, sc.n_boot)
+            if p is not None:
+                rows.append((Path(model).name, p, what))
+        tgt += targets(Path(model).name, res, paired(res, "FAIR-Calib", "FlatQuant", sc.n_boot))
+    if rows:
+        out += ["", "## Paired differences (test split)", ""]
+        out += paired_table(rows)
+        out += ["", "Targets (FAIR-Calib vs FlatQuant):", ""] + tgt
     for model in sc.models:
         name = Path(model).name
-        res: dict[str, list[dict[str, Any]]] = {}
-        for (m, r, s), v in done.items():
-            if m == model:
-                res.setdefault(r, []).append(v)
+        res = per_model.get(model, {})
         if not res:
             continue
-        out += ["", f"## {name}", ""]
-        main_rows = [(r, res[r]) for r in sc.rows if r in res]
-        out.append(markdown_table(main_rows, cols, first_header="method"))
-        abl_rows = [(r, res[r]) for r in ["FAIR-Calib"] + list(sc.ablations) if r in res and (r != "FAIR-Calib" or sc.ablations)]
-        if len(abl_rows) > 1:
-            out += ["", f"Ablations ({name}; FAIR-Calib engine; 'FAIR-Calib' = both terms, early boost, "
-                    f"n_probe {sc.n_probe}):", ""]
-            out.append(markdown_table(abl_rows, cols, first_header="ablation"))
-        out += ["", "Against the paper's pattern:", ""]
-        out += pattern_section(model, res) or ["- not enough rows finished to compare."]
-        seed0 = {r: v[0] for r, v in res.items()}
-        curves = [(r, seed0[r]["metrics"]["lag"]["ccdf"]) for r in ("FP", "RTN", "QuaRot", "FlatQuant", "FAIR-Calib")
-                  if r in seed0 and "metrics" in seed0[r]]
+        out += ["", f"## {name}", "", "Mean ± sample std over seeds (single-seed rows without ±)."]
+        out.append("")
+        out.append(markdown_table([(r, res[r]) for r in sc.rows if r in res], cols, first_header="method"))
+        out += [""] + diagnostics(name, res)
+        first = {r: _by_seed(v)[0] for r, v in res.items()}
         imgs = []
+        curves = [(r, first[r]["metrics"]["lag"]["ccdf"]) for r in ("FP", "RTN", "FlatQuant", "FAIR-Calib")
+                  if r in first and "metrics" in first[r]]
         if curves:
             imgs.append(plot_lag_ccdf(curves, plot_dir / f"{name}_lag_ccdf.png", title=f"{name}: stability lag CCDF"))
-        series = [(r, seed0[r]["metrics"]["flips"]["by_step_decile"]) for r in ("RTN", "QuaRot", "FlatQuant", "FAIR-Calib")
-                  if r in seed0 and "metrics" in seed0[r]]
+        series = [(r, first[r]["metrics"]["flips"]["by_step_decile"]) for r in ("RTN", "FlatQuant", "FAIR uniform", "FAIR-Calib")
+                  if r in first and "metrics" in first[r]]
         if series:
             imgs.append(plot_flips_by_decile(series, plot_dir / f"{name}_flips_by_decile.png",
                                              title=f"{name}: frontier flips by step decile"))
-        pos = [(r, seed0[r]["metrics"]["flips"]["by_position"]) for r in ("RTN", "FlatQuant", "FAIR-Calib")
-               if r in seed0 and "metrics" in seed0[r] and seed0[r]["metrics"]["flips"].get("by_position")]
-        pri = [(r, seed0[r]["prior"]["weights"]) for r in ("FAIR-Calib", "frontier-only", "λ0 exp")
-               if r in seed0 and "prior" in seed0[r]]
+        pos = [(r, first[r]["metrics"]["flips"]["by_position"]) for r in ("RTN", "FlatQuant", "FAIR uniform", "FAIR-Calib")
+               if r in first and first[r].get("metrics", {}).get("flips", {}).get("by_position")]
+        pri = [(r, first[r]["prior"]["weights"]) for r in ("FAIR-Calib", "FAIR[sampler]", "FAIR[literal]")
+               if r in first and "prior" in first[r]]
         if pos:
             imgs.append(plot_flips_by_position(pos, pri, plot_dir / f"{name}_flips_by_position.png",
-                                               title=f"{name}: flips by position (seed 0) and priors"))
-        if "FAIR-Calib" in seed0 and "prior" in seed0["FAIR-Calib"]:
-            imgs.append(plot_prior(seed0["FAIR-Calib"]["prior"]["weights"], plot_dir / f"{name}_prior.png",
-                                   title=f"{name}: position prior (seed {seed0['FAIR-Calib']['seed']})"))
+                                               title=f"{name}: flips by position (seed {sc.seeds[0]}) and priors"))
+        if "FAIR-Calib" in first and "prior" in first["FAIR-Calib"]:
+            imgs.append(plot_prior(first["FAIR-Calib"]["prior"]["weights"], plot_dir / f"{name}_prior.png",
+                                   title=f"{name}: FAIR-Calib prior (seed {first['FAIR-Calib']['seed']})"))
         if imgs:
             out += [""] + [f"![{Path(i).stem}]({os.path.relpath(i, report.parent)})" for i in imgs]
     report.write_text("\n".join(out) + "\n")
