@@ -216,3 +216,36 @@ def test_fair_without_a_prior_warns() -> None:
 
     with pytest.warns(UserWarning, match="without a prior"):
         calibrate(base, MethodConfig(method="fair", epochs=0), ids, None, progress=False)
+
+
+def test_cli_default_prior_is_non_degenerate_and_aligned(tmp_path) -> None:
+    """`calibrate --method fair` with every prior setting at its default saves a prior with
+    max/min >= 1.5 inside its window, probed and applied on aligned (prompt, answer) samples."""
+    import json
+
+    from fair_calib_ext.calibrate import main
+
+    out = tmp_path / "q"
+    rc = main(["--model", "tiny-llada", "--method", "fair", "--out", str(out), "--nsamples", "4", "--seqlen", "48",
+               "--epochs", "0", "--n-probe", "64", "--probe-batch-size", "64", "--no-progress", "--threads", "1"])
+    assert rc == 0
+    meta = json.loads((out / "prior.json").read_text())
+    from safetensors.torch import load_file
+
+    w = load_file(str(out / "prior.safetensors"))["weights"]
+    assert w.numel() == 12 and meta["settings"]["preset"] == DEFAULT_PRIOR
+    assert meta["settings"]["calib_format"] == "aligned"
+    assert float(w.max() / w.min()) >= 1.5
+    assert (out / "prior.png").is_file()
+    log = [json.loads(x) for x in (out / "calib_log.jsonl").read_text().splitlines()]
+    assert any(r.get("event") == "prior" and r["max_over_min"] >= 1.5 for r in log)
+
+
+def test_cli_refuses_prior_options_for_other_methods(tmp_path, capsys) -> None:
+    from fair_calib_ext.calibrate import main
+
+    rc = main(["--model", "tiny-llada", "--method", "flatquant", "--probe-policy", "sampler", "--out",
+               str(tmp_path / "q")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--probe-policy" in err and "--method fair" in err and not (tmp_path / "q").exists()
