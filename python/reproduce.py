@@ -71,7 +71,7 @@ from fair_calib_ext.models import load_pretrained, load_tokenizer  # noqa: E402
 
 MAIN_ROWS = ("FP", "RTN", "SmoothQuant", "QuaRot", "QuaRot+GPTQ", "FlatQuant", "FAIR-Calib")
 # paired rows of the FAIR-Calib analysis: every seed, same calibration samples and probe prompts
-PAIRED_ROWS = ("FAIR uniform", "FAIR old", "FAIR[literal]", "FAIR[sampler]")
+PAIRED_ROWS = ("FAIR uniform", "FAIR old", "FAIR[literal]")
 ABLATIONS: tuple[str, ...] = ()
 # the candidates of the default prior, scored on the val split (see select_default)
 CANDIDATES = ("FAIR uniform", "FAIR[balanced]", "FAIR[literal]", "FAIR[literal-0.03]", "FAIR[exp]",
@@ -79,7 +79,7 @@ CANDIDATES = ("FAIR uniform", "FAIR[balanced]", "FAIR[literal]", "FAIR[literal-0
 # (A, B, what it isolates): the paired differences the report gives with bootstrap CIs
 PAIRS = (("FAIR-Calib", "FlatQuant", "the method vs its baseline"),
          ("FAIR-Calib", "FAIR uniform", "the prior alone (same data, engine, inputs; w ≡ 1)"),
-         ("FAIR[sampler]", "FAIR[literal]", "sampler-matched vs random-commit probe (same prior rule)"),
+         ("FAIR-Calib", "FAIR[literal]", "sampler-matched (noise-aware) vs random-commit probe, same combine rule"),
          ("FAIR-Calib", "FAIR old", "new default vs the old one (aligned data + prior vs stream + flat prior)"))
 SINGLE_SEED_ROWS = ("FP", "RTN", "SmoothQuant", "QuaRot", "QuaRot+GPTQ")  # cheap baselines: first seed only
 
