@@ -208,9 +208,12 @@ def run(args: argparse.Namespace) -> int:
         answer = tok.decode(row[:cut], skip_special_tokens=True)
         print(f">>> {text}\n{answer}")
     n_tok = out.shape[0] * gen_length
+    # the bit widths the checkpoint was calibrated for (not every --quantized dir is W4A4)
+    qbits = ((getattr(model, "quantization_config", None) or {}).get("config") or {}).get("quant") or {}
+    qlabel = f", W{qbits.get('w_bits', '?')}A{qbits.get('a_bits', '?')}" if args.quantized else ""
     print(f"[{n_tok} tokens, {n_steps[0]} steps in {dt:.3f} s: {n_tok / dt:.1f} tokens/s, "
           f"{n_steps[0] / dt:.2f} steps/s; {cfg.family}, {args.dtype}, {device}"
-          f"{', W4A4' if args.quantized else ''}]")
+          f"{qlabel}]")
     return 0
 
 

@@ -27,6 +27,7 @@ pytestmark = [
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tiny-llada"
 EVAL_ARGS = ["--tasks", "add", "--n", "1", "--no-progress", "--device", "cpu"]
+SMALL = ["--nsamples", "2", "--seqlen", "16", "--epochs", "1", "--n-probe", "2", "--probe-gen-length", "4"]
 
 
 def _one_line_2(rc: int, capsys: pytest.CaptureFixture[str], *needles: str) -> str:
@@ -111,7 +112,8 @@ def test_quantconfig_has_no_dead_clip_fields() -> None:
 def test_calibrate_refuses_before_work(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
                                        needle: str) -> None:
     out = tmp_path / "q"
-    rc = calibrate_cli.main(["--model", MODEL, "--out", str(out), "--no-progress", *argv])
+    # a small run, so that a refusal that went missing fails the test in seconds, not minutes
+    rc = calibrate_cli.main(["--model", MODEL, "--out", str(out), "--no-progress", *SMALL, *argv])
     _one_line_2(rc, capsys, needle)
     assert not out.exists() and not out.with_name("q.run").exists()
 
@@ -138,11 +140,11 @@ def test_cli_flatquant_uses_fp_inputs_like_reproduce(tmp_path: Path) -> None:
 def test_out_validated_before_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     afile = tmp_path / "file"
     afile.write_text("x")
-    rc = calibrate_cli.main(["--model", MODEL, "--method", "rtn", "--out", str(afile), "--overwrite"])
+    rc = calibrate_cli.main(["--model", MODEL, "--method", "rtn", "--out", str(afile), "--overwrite", *SMALL])
     _one_line_2(rc, capsys, "--out", "not a directory")
-    rc = calibrate_cli.main(["--model", MODEL, "--method", "rtn", "--out", str(afile / "sub")])
+    rc = calibrate_cli.main(["--model", MODEL, "--method", "rtn", "--out", str(afile / "sub"), *SMALL])
     _one_line_2(rc, capsys, "--out", "cannot be created")
-    rc = calibrate_cli.main(["--model", MODEL, "--method", "rtn", "--out", "/proc/fair_calib_test/q"])
+    rc = calibrate_cli.main(["--model", MODEL, "--method", "rtn", "--out", "/proc/fair_calib_test/q", *SMALL])
     _one_line_2(rc, capsys, "--out")
     rc = evaluate_cli.main(["--model", MODEL, "--out", str(afile), *EVAL_ARGS])
     _one_line_2(rc, capsys, "--out", "not a directory")
