@@ -325,3 +325,36 @@ def test_int4_contract_lives_in_the_repo() -> None:
                 if "shared/reference/kernels" in text or text.count("kernels.md") != text.count("docs/kernels.md"):
                     hits.append(str(f.relative_to(ROOT)))
     assert not hits, f"comments point outside the repository: {hits}"
+
+
+@pytest.mark.parametrize("kw", [dict(lr=float("nan")), dict(clip_lr=-1.0), dict(gptq_block=0), dict(gptq_damp=0.0),
+                                dict(sq_alpha=1.5)])
+def test_method_config_refuses_values_that_break_a_run(kw: dict) -> None:
+    from fair_calib_ext.calib import MethodConfig
+
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        MethodConfig(method="quarot+gptq", **kw)
+
+
+def test_cli_calib_log_keeps_blocks_done_before_an_interruption(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interrupted after two blocks, then rerun: the checkpoint's calib_log.jsonl has every block."""
+    import fair_calib_ext.calib as calib
+
+    real = calib.calibrate
+
+    def interrupted(*a: object, **k: object) -> None:
+        real(*a, **k, stop_after=2)
+        raise KeyboardInterrupt  # the "kill": the run dir keeps blocks 0 and 1
+
+    argv = ["--model", MODEL, "--method", "rtn", "--out", str(tmp_path / "q"), "--no-progress", *SMALL]
+    monkeypatch.setattr(calib, "calibrate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate_cli.main(argv)
+    assert (tmp_path / "q.run" / "state.json").is_file()
+    monkeypatch.setattr(calib, "calibrate", real)
+    assert calibrate_cli.main(argv) == 0
+    recs = [json.loads(line) for line in (tmp_path / "q" / "calib_log.jsonl").read_text().splitlines()]
+    blocks = [(r["block"], bool(r.get("resumed"))) for r in recs if r["event"] == "block"]
+    assert blocks == [(0, True), (1, True), (2, False), (3, False), (4, False)]
+    assert not (tmp_path / "q.run").exists()  # finished: resume state removed
