@@ -230,18 +230,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if seqlen < 2 or seqlen > mc.max_position_embeddings:
         raise UsageError(f"--seqlen {seqlen} outside [2, {mc.max_position_embeddings}] for this model")
     _check_memory(args.nsamples, seqlen, mc.hidden_size, act_dtype)
-    model = load_pretrained(model_path, dtype=torch.float32, device="cpu")
-    try:
-        tok = load_tokenizer(model_path)
-    except OSError as exc:  # unreadable tokenizer files
-        raise UsageError(f"--model {args.model}: cannot load its tokenizer ({exc})") from None
-    mc = model.config
     if args.calib_data:
         texts = _read_texts(Path(args.calib_data))
     else:
         from .eval.corpus import calib_texts
 
         texts = calib_texts(max(2000, args.nsamples * 8), seed=args.seed)
+    model = load_pretrained(model_path, dtype=torch.float32, device="cpu")
+    try:
+        tok = load_tokenizer(model_path)
+    except OSError as exc:  # unreadable tokenizer files
+        raise UsageError(f"--model {args.model}: cannot load its tokenizer ({exc})") from None
+    mc = model.config
     data = build_calibration_data(tok, texts, args.nsamples, seqlen, args.seed, mc.eos_token_id)
 
     logs: list[dict[str, Any]] = []
