@@ -79,7 +79,7 @@ set_target_properties(_C PROPERTIES
 if(FAIR_TORCH_VERSION VERSION_GREATER_EQUAL "2.14")
   set_property(TARGET _C PROPERTY CXX_STANDARD 20)
 endif()
-# No fast-math anywhere: the quantizer must round exactly like the CPU path (kernels.md).
+# No fast-math anywhere: the quantizer must round exactly like the CPU path (docs/kernels.md).
 target_compile_options(_C PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:-O3 -lineinfo>)
 string(REPLACE ";" "," _fair_archs_csv "${FAIR_CUDA_ARCHS}")  # a ';' would split the define
 target_compile_definitions(_C PRIVATE FAIR_WITH_CUDA=1 FAIR_CUDA_ARCHS="${_fair_archs_csv}")

@@ -15,7 +15,7 @@ namespace fair {
 at::Tensor pack_int4_cpu(const at::Tensor& q);
 // uint8 [..., K/2] -> int8 [..., K] (two's-complement nibbles, low nibble = even column).
 at::Tensor unpack_int4_cpu(const at::Tensor& packed);
-// float [..., K] -> (uint8 [..., K/2], fp32 scale [...]); symmetric per row, see kernels.md.
+// float [..., K] -> (uint8 [..., K/2], fp32 scale [...]); symmetric per row, see docs/kernels.md.
 std::tuple<at::Tensor, at::Tensor> quantize_int4_cpu(const at::Tensor& x, double clip);
 // (a [M, K/2] x w [N, K/2]^T in int32) * a_scale[m] * w_scale[n] (+ bias[n]) -> [M, N] out_dtype.
 // out_dtype int32 returns the exact accumulator (no scales, no bias).

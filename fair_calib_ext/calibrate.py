@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import random
 import sys
 import time
@@ -30,12 +32,14 @@ import torch
 
 from .calib.prior import (COMBINE, DEFAULT_PRIOR, LAMBDA0_SCHEDULES, PRIOR_MODES, PRIOR_PRESETS, PROBE_POLICIES,
                           RELIABILITY)
+from .errors import UsageError, report
 
 __all__ = ["main", "build_calibration_data"]
 
 
-class UsageError(Exception):
-    """A problem with the user's input (reported in one line, exit code 2)."""
+# Calibration holds three activation tensors [nsamples, seqlen, hidden] on the CPU (FP inputs,
+# student inputs, block targets); refuse settings whose estimate exceeds this share of RAM.
+_ACT_MEMORY_SHARE = 0.8
 
 
 def _read_texts(path: Path) -> list[str]:
@@ -114,13 +118,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--clip-lr", type=float, default=5e-2)
-    p.add_argument("--fp-inputs", action="store_true", help="FlatQuant's convention: FP block inputs")
+    p.add_argument("--fp-inputs", action=argparse.BooleanOptionalAction, default=None,
+                   help="student blocks see FP inputs (FlatQuant's convention) instead of the quantized "
+                        "prefix's outputs (default: on for flatquant, as in REPORT.md, off otherwise)")
     p.add_argument("--sq-alpha", type=float, default=0.5)
-    p.add_argument("--act-clip", type=float, default=None, help="fixed activation clip (default: method's)")
-    p.add_argument("--w-clip-search", choices=("auto", "on", "off"), default="auto")
-    p.add_argument("--gptq-act-order", action="store_true")
-    p.add_argument("--gptq-damp", type=float, default=0.01)
-    p.add_argument("--gptq-block", type=int, default=128)
+    p.add_argument("--act-clip", type=float, default=None,
+                   help="fixed activation clip (default: method's; not for flatquant/fair, which learn it)")
+    p.add_argument("--w-clip-search", choices=("auto", "on", "off"), default="auto",
+                   help="not for flatquant/fair, which learn the weight clips")
+    p.add_argument("--gptq-act-order", action="store_true", help="GPTQ methods only")
+    p.add_argument("--gptq-damp", type=float, default=None, help="GPTQ methods only (default 0.01)")
+    p.add_argument("--gptq-block", type=int, default=None, help="GPTQ methods only (default 128)")
     p.add_argument("--calib-format", default="auto", choices=("auto", "aligned", "stream"),
                    help="aligned: (prompt, answer) samples, prior position 0 on each answer's first token; "
                         "stream: windows of a text stream, prior on the trailing K positions; auto: aligned "
@@ -182,48 +190,92 @@ def _prior_spec_from_args(args: argparse.Namespace) -> Any:
         raise UsageError(str(exc)) from None
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    from .calib import (MethodConfig, PositionPrior, build_aligned_data, build_stream_data, calibrate,
-                        probe_stats, save_quantized)
-    from .calib.layerwise import peak_memory_mb
-    from .models import CheckpointError, load_pretrained, load_tokenizer, resolve_model_path
+def method_config(args: argparse.Namespace) -> Any:
+    """The MethodConfig the arguments ask for; refuses values and flags that would be ignored."""
+    from .calib import MethodConfig
+    from .calib.methods import parse_method
+    from .cli_common import check_finite_positive, check_positive
     from .quant import QuantConfig
+
+    try:
+        transform, weight_quant = parse_method(args.method)
+    except ValueError as exc:
+        raise UsageError(f"--method: {exc}") from None
+    for name in ("lr", "clip_lr", "gptq_damp"):
+        check_finite_positive(getattr(args, name), f"--{name.replace('_', '-')}")
+    check_positive(args.gptq_block, "--gptq-block")
+    if not (math.isfinite(args.sq_alpha) and 0.0 <= args.sq_alpha <= 1.0):
+        raise UsageError(f"--sq-alpha must be in [0, 1], got {args.sq_alpha}")
+    learns = transform in ("flatquant", "fair")
+    if learns and args.act_clip is not None:
+        raise UsageError(f"--act-clip does not apply to --method {args.method}: it learns its activation clips "
+                         "(use it with rtn, smoothquant, quarot or gptq)")
+    if learns and args.w_clip_search != "auto":
+        raise UsageError(f"--w-clip-search does not apply to --method {args.method}: it learns its weight clips")
+    if weight_quant != "gptq":
+        given = [f for f, v in (("--gptq-block", args.gptq_block), ("--gptq-damp", args.gptq_damp),
+                                ("--gptq-act-order", args.gptq_act_order or None)) if v is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} applies only to GPTQ weights (--method gptq or <method>+gptq), "
+                             f"not --method {args.method}")
+    try:
+        quant = QuantConfig.preset(args.bits, **({"a_clip": args.act_clip} if args.act_clip is not None else {}))
+    except ValueError as exc:  # unknown preset or a clip outside (0, 1]
+        raise UsageError(f"--bits {args.bits} / --act-clip {args.act_clip}: {exc}") from None
+    wcs = {"auto": None, "on": True, "off": False}[args.w_clip_search]
+    # flatquant as REPORT.md (python/reproduce.py) runs it: FP block inputs, FlatQuant's own convention
+    fp_inputs = args.fp_inputs if args.fp_inputs is not None else transform == "flatquant"
+    gptq = {k: v for k, v in (("gptq_damp", args.gptq_damp), ("gptq_block", args.gptq_block)) if v is not None}
+    cfg = MethodConfig(method=args.method, quant=quant, seed=args.seed, fp_inputs=fp_inputs,
+                       sq_alpha=args.sq_alpha, w_clip_search=wcs, gptq_act_order=args.gptq_act_order,
+                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, clip_lr=args.clip_lr, **gptq)
+    if args.act_clip is not None and cfg.transform == "quarot":
+        cfg.quarot_act_clip = args.act_clip
+    return cfg
+
+
+def _check_memory(nsamples: int, seqlen: int, hidden: int, act_dtype: torch.dtype) -> None:
+    """Refuse a calibration set whose activations cannot fit in this machine's memory."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no bound
+        return
+    need = 3 * nsamples * seqlen * hidden * torch.empty((), dtype=act_dtype).element_size()
+    if need > _ACT_MEMORY_SHARE * ram:
+        raise UsageError(f"--nsamples {nsamples} x --seqlen {seqlen}: the calibration activations need about "
+                         f"{need / 2**30:.1f} GiB (3 x nsamples x seqlen x hidden {hidden}), more than "
+                         f"{_ACT_MEMORY_SHARE:.0%} of this machine's {ram / 2**30:.1f} GiB; lower --nsamples or --seqlen")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from .calib import PositionPrior, build_aligned_data, build_stream_data, calibrate, probe_stats, save_quantized
+    from .calib.layerwise import peak_memory_mb
+    from .cli_common import check_out_dir, check_out_file, resolve_device, set_threads
     from .quant.modules import kernel_path
+    from .models import load_pretrained, load_tokenizer, parse_official_config, read_config, resolve_model_path
 
     t_start = time.time()
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise UsageError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
-    try:
-        quant = QuantConfig.preset(args.bits, **({"a_clip": args.act_clip} if args.act_clip else {}))
-        wcs = {"auto": None, "on": True, "off": False}[args.w_clip_search]
-        cfg = MethodConfig(method=args.method, quant=quant, seed=args.seed, fp_inputs=args.fp_inputs,
-                           sq_alpha=args.sq_alpha, w_clip_search=wcs, gptq_damp=args.gptq_damp,
-                           gptq_block=args.gptq_block, gptq_act_order=args.gptq_act_order,
-                           epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, clip_lr=args.clip_lr)
-        if args.act_clip and cfg.transform == "quarot":
-            cfg.quarot_act_clip = args.act_clip
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    # every argument and output path is checked before the model is read
+    set_threads(args.threads)
+    cfg = method_config(args)
+    quant = cfg.quant
     for name in ("nsamples", "epochs", "batch_size", "n_probe"):
         if getattr(args, name) < (0 if name == "epochs" else 1):
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda requested but torch has no CUDA device")
-    try:
-        model_path = resolve_model_path(args.model)
-        model = load_pretrained(model_path, dtype=torch.float32, device="cpu")
-        tok = load_tokenizer(model_path)
-    except (CheckpointError, OSError) as exc:
-        raise UsageError(str(exc).splitlines()[0]) from None
-    if hasattr(model, "quantization_config"):
+    device = resolve_device(args.device)
+    out = check_out_dir(args.out, overwrite=args.overwrite)
+    run_dir = Path(args.run_dir) if args.run_dir else out.with_name(out.name + ".run")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--run-dir {run_dir}: exists and is not a directory")
+    check_out_file(run_dir / "state.json", "--run-dir")
+    if args.log:
+        check_out_file(args.log, "--log")
+    act_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.act_dtype]
+    model_path = resolve_model_path(args.model)
+    raw = read_config(model_path)
+    if "quantization_config" in raw:
         raise UsageError(f"--model {args.model} is already quantized")
-    mc = model.config
+    mc = parse_official_config(raw)
     seqlen = args.seqlen or min(1024, mc.max_position_embeddings)
     if seqlen < 2 or seqlen > mc.max_position_embeddings:
         raise UsageError(f"--seqlen {seqlen} outside [2, {mc.max_position_embeddings}] for this model")
@@ -233,6 +285,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"{', '.join(given)}: prior options are used by --method fair only "
                              f"(got --method {args.method})")
     spec = _prior_spec_from_args(args) if cfg.transform == "fair" else None
+    _check_memory(args.nsamples, seqlen, mc.hidden_size, act_dtype)
     if args.calib_data:
         entries = _read_calib_file(Path(args.calib_data))
         pairs = [e for e in entries if isinstance(e, tuple)]
@@ -248,6 +301,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pairs = calib_pairs(max(2000, args.nsamples * 8), seed=args.seed)
         texts = [p_ + a_ for p_, a_ in pairs]
         fmt = "stream" if args.calib_format == "stream" else "aligned"
+    model = load_pretrained(model_path, dtype=torch.float32, device="cpu")
+    try:
+        tok = load_tokenizer(model_path)
+    except OSError as exc:  # unreadable tokenizer files
+        raise UsageError(f"--model {args.model}: cannot load its tokenizer ({exc})") from None
+    mc = model.config
     gen_k = _default_gen_length(model)
     k = args.probe_gen_length or (gen_k if fmt == "aligned" else max(1, seqlen // 4))
     if k < 1 or (fmt == "stream" and k >= seqlen):
@@ -311,16 +370,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 extra_files["prior.png"] = (Path(td) / "prior.png").read_bytes()
             except Exception as exc:  # noqa: BLE001 - a missing plotting backend must not fail the run
                 log({"event": "warning", "message": f"prior plot skipped: {exc}"})
-    act_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.act_dtype]
-    run_dir = Path(args.run_dir) if args.run_dir else out.with_name(out.name + ".run")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    try:
-        calibrate(model, cfg, data, prior, device=device, act_dtype=act_dtype, run_dir=run_dir,
-                  progress=not args.no_progress, log=log)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    # a run dir of another model/config, or a damaged one, is a ResumeError (one line, says how to discard)
+    calibrate(model, cfg, data, prior, device=device, act_dtype=act_dtype, run_dir=run_dir,
+              progress=not args.no_progress, log=log)
     t_calib = time.time() - t0
     summary = {"event": "done", "model": str(args.model), "method": cfg.method, "bits": quant.name,
                "calib_format": fmt,
@@ -341,13 +396,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        summary = run(args)
-    except (UsageError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
-    return 0
+
+    def body() -> int:
+        print(json.dumps(run(args)))
+        return 0
+
+    return report(body)  # only user errors become one line; internal errors keep their traceback
 
 
 if __name__ == "__main__":

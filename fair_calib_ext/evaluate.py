@@ -9,7 +9,8 @@ prior of each quantized dir that has one) to ``--out``.
 Under ``torchrun --nproc-per-node N -m fair_calib_ext.evaluate ...`` the samples are sharded
 across ranks (gloo on CPU, NCCL on CUDA) and rank 0 writes the outputs; spell ``--n`` as
 ``--n-per-task`` there (torchrun's parser takes ``--n`` for one of its own options).
-Errors in the arguments or inputs print one line and exit with code 2.
+Errors in the arguments or inputs (checked before any model runs) print one line and exit with
+code 2; ``--out`` must be absent or empty unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
+
+from fair_calib_ext.errors import UsageError, report
 
 __all__ = ["main", "build_parser"]
 
@@ -50,27 +53,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-bos", action="store_true", help="prepend the tokenizer's BOS to task prompts")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (absent or empty unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out, replacing earlier results")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's)")
     return p
 
 
-class UsageError(ValueError):
-    """A user-facing error: printed as one line, exit code 2."""
-
-
 def _check_args(a: argparse.Namespace) -> None:
+    """Everything that can be checked before loading a model: flags, inputs, outputs, sampler."""
+    from fair_calib_ext.cli_common import check_out_dir, require_quantized, resolve_device
+    from fair_calib_ext.eval.runner import expand_tasks
+    from fair_calib_ext.eval.tasks import GEN_LENGTH
+    from fair_calib_ext.models import load_generation_config, resolve_model_path
+    from fair_calib_ext.sampling.settings import resolve_sampler_settings
+
     if a.threads is not None and a.threads < 1:
-        raise UsageError("--threads must be >= 1")
+        raise UsageError(f"--threads must be >= 1, got {a.threads}")
     for name in ("n", "n_metrics", "mc_num", "batch_size"):
         if getattr(a, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    try:
+        expand_tasks(a.tasks)
+    except ValueError as exc:  # expand_tasks names the unknown task and the valid ones
+        raise UsageError(f"--tasks: {exc}") from None
     if a.labels is not None and len(a.labels) != len(a.quantized):
         raise UsageError(f"--labels has {len(a.labels)} names for {len(a.quantized)} --quantized dirs")
+    if a.device is not None:
+        resolve_device(a.device)
+    resolve_model_path(a.model)
     for d in a.quantized:
         if not Path(d).is_dir():
             raise UsageError(f"--quantized {d}: no such directory")
+        require_quantized(d)
+    # the same validation as `sample` (one shared resolver): nothing is silently replaced
+    resolve_sampler_settings(gen_length=a.gen_length, steps=a.steps, block_length=a.block_length,
+                             remasking=a.remasking, generation_config=load_generation_config(a.model),
+                             default_gen_length=GEN_LENGTH)
+    check_out_dir(a.out, overwrite=a.overwrite)
 
 
 def _find_prior(qdir: str) -> list[float] | None:
@@ -105,7 +125,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     from fair_calib_ext.quant.modules import kernel_path, kernel_report
 
     suite, want_ppl, want_metrics = expand_tasks(a.tasks)
-    if a.threads:
+    if a.threads is not None:
         torch.set_num_threads(a.threads)
     ctx = init_distributed(a.device)
     try:
@@ -183,14 +203,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
     parser = build_parser()
     a = parser.parse_args(argv)
-    try:
+
+    def body() -> int:
         _check_args(a)
         run(a)
-    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, ImportError, KeyError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return report(body)  # only user errors become one line; internal errors keep their traceback
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ registers them. This module adds what the dispatcher needs from Python:
 * autograd for :func:`weighted_mse` and :func:`w4a4_linear` (straight-through for ``x``);
 * helpers to select the CPU kernel path (``scalar``, ``avx2``, ``avx512_vnni``, ``amx``).
 
-Int4 data contract (``shared/reference/kernels.md``): an int4 matrix ``[R, K]`` is stored as
+Int4 data contract (``docs/kernels.md``): an int4 matrix ``[R, K]`` is stored as
 ``uint8 [R, K/2]``, the even column in the low nibble, two's-complement nibbles.
 """
 

@@ -7,8 +7,8 @@ Examples::
         --prompt "What is 7 * 8?" --gen-length 64 --steps 64 --block-length 32
     python -m fair_calib_ext.sample --quantized runs/llada-w4a4 --prompt "..." --show-steps
 
-Bad input (missing directory, inconsistent lengths, prompt longer than the context) prints one
-``error:`` line and exits with status 2.
+Bad input (missing directory, inconsistent lengths, prompt longer than the context, a
+full-precision dir given as ``--quantized``) prints one ``error:`` line and exits with status 2.
 """
 
 from __future__ import annotations
@@ -19,14 +19,13 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from .errors import UsageError, report
+
 DEFAULT_EMBEDDED = "tiny-llada"
 # Decoded when no prompt is given, so the bare command shows the embedded model at work.
 DEFAULT_PROMPTS = ("Q: sort 7 3 9 1 4 A:", "Q: reverse cat dog sun A:", "Q: 48*7=? A:")
 _DTYPES = ("float32", "bfloat16", "float16")
 
-
-class UsageError(Exception):
-    """Input the user can fix; reported as one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,51 +128,36 @@ def _show(tok: Any, x: Any, p: int, mask_id: int, step: int, tty: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .models import CheckpointError, load_generation_config, load_pretrained, load_tokenizer, resolve_model_path
+    from .cli_common import require_quantized, resolve_device, set_threads
+    from .models import load_generation_config, load_pretrained, load_tokenizer, resolve_model_path
     from .sampling import generate, left_pad
+    from .sampling.settings import resolve_sampler_settings
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
+    device = resolve_device(args.device)
     prompts = _read_prompts(args)
     model_arg = _resolve_model(args.model) if args.model or not args.quantized else args.model
-    try:
-        weights = args.quantized or model_arg
-        resolve_model_path(weights)
-        gcfg = load_generation_config(weights) or (load_generation_config(model_arg) if model_arg else {})
-    except CheckpointError as exc:
-        raise UsageError(str(exc).replace("\n", " ")) from exc
-    gen_length = args.gen_length if args.gen_length is not None else (
-        gcfg.get("gen_length") or gcfg.get("max_new_tokens") or 32)
-    if gen_length <= 0:
-        raise UsageError(f"--gen-length must be positive, got {gen_length}")
-    steps = args.steps if args.steps is not None else (gcfg.get("steps") or gen_length)
-    if steps <= 0:
-        raise UsageError(f"--steps must be positive, got {steps}")
-    # the checkpoint's block length only goes with its own gen_length
-    block_length = args.block_length if args.block_length is not None else (
-        gcfg.get("block_length") if args.gen_length is None else None)
-    if block_length is not None:
-        if block_length <= 0 or gen_length % block_length:
-            raise UsageError(f"--gen-length ({gen_length}) must be divisible by --block-length ({block_length})")
-        if steps % (gen_length // block_length):
-            raise UsageError(f"--steps ({steps}) must be divisible by the number of blocks "
-                             f"({gen_length // block_length})")
+    if args.quantized:
+        require_quantized(args.quantized)
+    weights = args.quantized or model_arg
+    resolve_model_path(weights)
+    gcfg = load_generation_config(weights) or (load_generation_config(model_arg) if model_arg else {})
+    st = resolve_sampler_settings(gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
+                                  remasking=args.remasking, generation_config=gcfg, default_gen_length=32)
+    gen_length, steps, block_length = st.gen_length, st.steps, st.block_length
     temperature = args.temperature if args.temperature is not None else float(gcfg.get("temperature") or 0.0)
-    try:
-        tok_dirs = [d for d in (args.quantized, model_arg) if d]
-        tok = None
-        for d in tok_dirs:
-            if (resolve_model_path(d) / "tokenizer.json").is_file() or \
-                    (resolve_model_path(d) / "tokenizer_config.json").is_file():
-                tok = load_tokenizer(d)
-                break
-        if tok is None:
-            raise UsageError(f"no tokenizer found in {' or '.join(map(str, tok_dirs))}"
-                             + ("" if args.model else " (pass --model with the original checkpoint)"))
-        dtype = getattr(torch, args.dtype)
-        model = load_pretrained(weights, dtype=dtype, device=args.device)
-    except CheckpointError as exc:
-        raise UsageError(str(exc).replace("\n", " ")) from exc
+    tok_dirs = [d for d in (args.quantized, model_arg) if d]
+    tok = None
+    for d in tok_dirs:
+        if (resolve_model_path(d) / "tokenizer.json").is_file() or \
+                (resolve_model_path(d) / "tokenizer_config.json").is_file():
+            tok = load_tokenizer(d)
+            break
+    if tok is None:
+        raise UsageError(f"no tokenizer found in {' or '.join(map(str, tok_dirs))}"
+                         + ("" if args.model else " (pass --model with the original checkpoint)"))
+    dtype = getattr(torch, args.dtype)
+    model = load_pretrained(weights, dtype=dtype, device=device)
 
     cfg = model.config
     chat = args.chat
@@ -185,8 +169,17 @@ def run(args: argparse.Namespace) -> int:
     encoded = _encode(tok, prompts, chat)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (cfg.pad_token_id or cfg.eos_token_id or 0)
     ids, attn = left_pad(encoded, pad)
-    remasking = args.remasking or gcfg.get("remasking") or gcfg.get("alg") or (
-        "entropy" if cfg.family == "dream" and block_length is None else "low_confidence")
+    remasking = st.remasking or ("entropy" if cfg.family == "dream" and block_length is None else "low_confidence")
+    dream_schedule = cfg.family == "dream" and block_length is None
+    if remasking == "origin" and not dream_schedule:
+        raise UsageError("--remasking origin needs Dream's timestep schedule (a Dream model without --block-length)")
+    given = [f"--{n.replace('_', '-')}" for n in ("top_p", "top_k", "alg_temp") if getattr(args, n) is not None]
+    if given and not dream_schedule:
+        raise UsageError(f"{', '.join(given)}: Dream's timestep schedule only (a Dream model without --block-length)")
+    longest = max(len(e) for e in encoded)
+    if longest + gen_length > cfg.max_position_embeddings:
+        raise UsageError(f"prompt ({longest}) + gen_length ({gen_length}) = {longest + gen_length} exceeds the "
+                         f"model's context of {cfg.max_position_embeddings} tokens")
     gen = torch.Generator().manual_seed(args.seed)
     tty = sys.stdout.isatty()
     n_steps = [0]
@@ -206,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
             kwargs[name] = getattr(args, name)
     t0 = time.perf_counter()
     out = generate(model, ids, **kwargs)
-    if args.device.startswith("cuda"):
+    if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
 
@@ -217,20 +210,18 @@ def run(args: argparse.Namespace) -> int:
         answer = tok.decode(row[:cut], skip_special_tokens=True)
         print(f">>> {text}\n{answer}")
     n_tok = out.shape[0] * gen_length
+    # the bit widths the checkpoint was calibrated for (not every --quantized dir is W4A4)
+    qbits = ((getattr(model, "quantization_config", None) or {}).get("config") or {}).get("quant") or {}
+    qlabel = f", W{qbits.get('w_bits', '?')}A{qbits.get('a_bits', '?')}" if args.quantized else ""
     print(f"[{n_tok} tokens, {n_steps[0]} steps in {dt:.3f} s: {n_tok / dt:.1f} tokens/s, "
-          f"{n_steps[0] / dt:.2f} steps/s; {cfg.family}, {args.dtype}, {args.device}"
-          f"{', W4A4' if args.quantized else ''}]")
+          f"{n_steps[0] / dt:.2f} steps/s; {cfg.family}, {args.dtype}, {device}"
+          f"{qlabel}]")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError) as exc:
-        msg = str(exc).strip().replace("\n", " ") or type(exc).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+    return report(lambda: run(args))  # only user errors become one line; bugs keep their traceback
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ __all__ = ["ref_quantize", "ref_pack", "exact_acc", "epilogue", "rand_codes"]
 
 
 def ref_quantize(x: torch.Tensor, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference int4 quantizer (kernels.md): codes int8 [..., K] and fp32 scale [...]."""
+    """Reference int4 quantizer (docs/kernels.md): codes int8 [..., K] and fp32 scale [...]."""
     x32 = x.float()
     scale = (clip * x32.abs().amax(dim=-1)) / 7.0
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)

@@ -133,7 +133,9 @@ _RESUME_SCRIPT = textwrap.dedent("""
     ids = torch.randint(0, 79, (6, 16), generator=torch.Generator().manual_seed(1))
     prior = PositionPrior(torch.linspace(2.0, 0.5, 8), floor=0.1)
     def log(rec):
-        if rec.get("event") == "block":
+        if rec.get("event") == "block" and rec.get("resumed"):
+            print("REPLAYED", rec["block"], flush=True)  # done before the kill, back in the log
+        elif rec.get("event") == "block":
             print("BLOCK", rec["block"], flush=True)
             if rec["block"] == hang_at:
                 time.sleep(120)   # killed here: mid-run, block {{hang_at}} computed but not checkpointed
@@ -172,6 +174,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "BLOCK 0" not in res.stdout and "BLOCK 1" in res.stdout  # really resumed
+    assert "REPLAYED 0" in res.stdout  # and the log still has block 0
     from safetensors.torch import load_file
 
     a = load_file(str(tmp_path / "ref" / "model.safetensors"))
@@ -217,3 +220,69 @@ def test_other_bit_widths_roundtrip(tmp_path: Path, bits: str, method: str) -> N
             with torch.no_grad():
                 assert torch.equal(m2(ids).logits, m(ids).logits)
     assert errs[bits] < errs["w4a4"]  # more bits somewhere, less error
+
+
+# -- resume state: identifies the model, survives crashes, keeps the log (issue 14) ----------
+def test_resume_digest_identifies_the_model(tmp_path: Path) -> None:
+    """A second model calibrated into the same run dir with the same settings must not resume
+    from the first model's blocks."""
+    from fair_calib_ext.errors import ResumeError
+
+    ids, run = _data(), tmp_path / "run"
+    calibrate(build_model(tiny_config("llada"), seed=0, init_std=0.1), "rtn", ids, run_dir=run,
+              progress=False, stop_after=1)
+    with pytest.raises(ResumeError, match="another model"):
+        calibrate(build_model(tiny_config("llada"), seed=1, init_std=0.1), "rtn", ids, run_dir=run, progress=False)
+    # the same weights still resume
+    calibrate(build_model(tiny_config("llada"), seed=0, init_std=0.1), "rtn", ids, run_dir=run, progress=False)
+
+
+@pytest.mark.parametrize("victim", ["block_0000.safetensors", "block_0000.json", "acts_0001.safetensors"])
+def test_truncated_resume_file_names_itself(tmp_path: Path, victim: str) -> None:
+    from fair_calib_ext.errors import ResumeError
+
+    ids, run = _data(), tmp_path / "run"
+    calibrate(build_model(tiny_config("llada"), seed=0, init_std=0.1), "rtn", ids, run_dir=run,
+              progress=False, stop_after=1)
+    f = run / victim
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ResumeError, match=rf"{victim}.*delete {run}"):
+        calibrate(build_model(tiny_config("llada"), seed=0, init_std=0.1), "rtn", ids, run_dir=run, progress=False)
+
+
+def test_resume_files_fsynced_before_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fair_calib_ext.calib import layerwise
+
+    synced: set[str] = set()
+    replaced: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        synced.add(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def replace(src: str, dst: str) -> None:
+        replaced.append(str(Path(src).resolve()))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(layerwise.os, "fsync", fsync)
+    monkeypatch.setattr(layerwise.os, "replace", replace)
+    calibrate(build_model(tiny_config("llada", 1), seed=0, init_std=0.1), "rtn", _data(), run_dir=tmp_path / "r",
+              progress=False)
+    assert any(r.endswith(".safetensors.tmp") for r in replaced)
+    assert all(r in synced for r in replaced), set(replaced) - synced
+
+
+def test_log_after_resume_has_the_blocks_done_before(tmp_path: Path) -> None:
+    ids, run = _data(), tmp_path / "run"
+    first: list[dict] = []
+    calibrate(build_model(tiny_config("llada"), seed=0, init_std=0.1), "rtn", ids, run_dir=run,
+              progress=False, stop_after=1, log=first.append)
+    second: list[dict] = []
+    calibrate(build_model(tiny_config("llada"), seed=0, init_std=0.1), "rtn", ids, run_dir=run,
+              progress=False, log=second.append)
+    blocks = [r["block"] for r in second if r.get("event") == "block"]
+    assert blocks == list(range(len(blocks))) and len(blocks) >= 2
+    before = next(r for r in first if r.get("event") == "block")
+    again = next(r for r in second if r.get("event") == "block" and r["block"] == 0)
+    assert {k: v for k, v in again.items() if k != "resumed"} == before

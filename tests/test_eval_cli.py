@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fair_calib_ext.evaluate import main
 from fair_calib_ext.models.testing import tiny_checkpoint
@@ -35,7 +36,13 @@ def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     ids = dict(vocab_size=768, mask_token_id=2, eos_token_id=1, pad_token_id=0, bos_token_id=3)
     fp = tiny_checkpoint(root / "fp", "llada", seed=0, init_std=0.2, **ids)
-    other = tiny_checkpoint(root / "other", "llada", seed=5, init_std=0.2, **ids)
+    # --quantized takes save_quantized dirs only: an RTN W4A4 copy of a second random model
+    from fair_calib_ext.calib import calibrate, save_quantized
+    from fair_calib_ext.models import load_pretrained
+
+    m = load_pretrained(tiny_checkpoint(root / "other_fp", "llada", seed=5, init_std=0.2, **ids))
+    calibrate(m, "rtn", torch.randint(4, 700, (2, 16), generator=torch.Generator().manual_seed(0)), progress=False)
+    other = save_quantized(m, root / "other")
     _save_tokenizer(fp)
     return fp, other
 

@@ -207,18 +207,21 @@ def test_llada_8b_config_shapes():
 
 
 def test_quantized_dir_delegates(tmp_path, monkeypatch):
+    """A dir with a quantization_config goes to models.loading.load_quantized (no import of calib)."""
+    from fair_calib_ext.models import loading
+
     path = tiny_checkpoint(tmp_path, "llada")
     cfg = read_config(path)
     cfg["quantization_config"] = {"method": "rtn", "bits": 4}
     (path / "config.json").write_text(json.dumps(cfg))
     calls = []
-    fake = types.ModuleType("fair_calib_ext.calib.checkpoint")
-    fake.load_quantized = lambda p, dtype, device: calls.append((p, dtype, device)) or "quantized"
-    if "fair_calib_ext.calib" not in sys.modules:
-        monkeypatch.setitem(sys.modules, "fair_calib_ext.calib", types.ModuleType("fair_calib_ext.calib"))
-    monkeypatch.setitem(sys.modules, "fair_calib_ext.calib.checkpoint", fake)
+    monkeypatch.setattr(loading, "load_quantized",
+                        lambda p, dtype, device: calls.append((p, dtype, device)) or "quantized")
     assert load_pretrained(path, dtype=torch.bfloat16) == "quantized"
     assert calls == [(path, torch.bfloat16, "cpu")]
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match="not a fair_calib_ext.packed.v1 checkpoint"):
+        load_pretrained(path)  # a foreign quantization_config is refused, not misread
 
 
 def test_auto_classes_offline(tmp_path):

@@ -42,7 +42,7 @@ struct KernelTable {
   // k >= K become weight 0. kq % 16 == 0.
   void (*pack_panels)(const uint8_t* W, int64_t N, int64_t K, int64_t n0, int64_t npanels,
                       int64_t k0, int64_t kq, bool offset, uint8_t* out);
-  // Quantizes one fp32 row of length K (see kernels.md): writes q[0:K] (int8 in [-8, 7]),
+  // Quantizes one fp32 row of length K (see docs/kernels.md): writes q[0:K] (int8 in [-8, 7]),
   // *scale and *rowsum = sum(q). Returns false (writing nothing) if the row has inf/NaN.
   bool (*quantize_row)(const float* x, int64_t K, float clip, int8_t* q, float* scale,
                        int32_t* rowsum);

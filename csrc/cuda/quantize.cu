@@ -1,7 +1,7 @@
 // int4 packing and per-row symmetric int4 quantization on CUDA.
 //
 // quantize_int4 is one kernel, one CTA per row: pass 1 reduces absmax (and a non-finite flag)
-// over the row, the scale follows the contract of kernels.md exactly (fp32, IEEE division, no
+// over the row, the scale follows the contract of docs/kernels.md exactly (fp32, IEEE division, no
 // reciprocal multiply, no fast-math), pass 2 re-reads the row (now in L1/L2), rounds half to even
 // with __float2int_rn, clamps to [-8, 7] and writes packed bytes. Rows whose length is a multiple
 // of 8 and whose base is 16-byte aligned use 8-element vector loads and 32-bit packed stores.

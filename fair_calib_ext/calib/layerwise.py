@@ -31,13 +31,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..errors import ResumeError
+from ..quant.checkpoint import quantized_specs
 from ..quant.gptq import GPTQ
 from ..quant.modules import PendingLinear, QuantLinear, kernel_report, kernels_available
 from ..quant.quantizer import quantize_ref
 from .data import CalibData, position_weights
 from .methods import BlockContext, MethodConfig, _linears, _pending_plain, get_transform
 
-__all__ = ["calibrate", "weighted_mse", "weighted_loss", "peak_memory_mb", "quantized_specs"]
+__all__ = ["calibrate", "weighted_mse", "weighted_loss", "peak_memory_mb", "quantized_specs", "weight_fingerprint"]
 
 
 def weighted_mse_ref(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -67,11 +69,6 @@ def peak_memory_mb(device: torch.device | str = "cpu") -> dict[str, float]:
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         out["gpu_peak_alloc_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
-
-
-def quantized_specs(module: nn.Module, prefix: str = "") -> dict[str, dict[str, Any]]:
-    """{qualified name: QuantLinear.spec()} for every QuantLinear under ``module``."""
-    return {prefix + n: m.spec() for n, m in module.named_modules() if isinstance(m, QuantLinear)}
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -148,11 +145,17 @@ def _set(root: nn.Module, name: str, mod: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, mod)
 
 
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
 def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    _fsync_file(tmp)  # the bytes are on disk before the rename publishes them (a crash leaves old or new)
     os.replace(tmp, path)
 
 
@@ -165,14 +168,49 @@ def _atomic_json(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+_DISCARD = "delete {rd} (or pass another --run-dir) to start over"
+
+
+def _read_resume(rd: Path, f: Path, read: Callable[[], Any]) -> Any:
+    """``read()`` of a run-dir file; a damaged file (crash mid-write, disk full, edited by
+    hand) is a ResumeError that names it and says how to discard the run."""
+    from safetensors import SafetensorError
+
+    try:
+        return read()
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # json, safetensors, state dict
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ResumeError(f"cannot resume from {f}: unreadable or damaged ({msg}); "
+                          f"{_DISCARD.format(rd=rd)}") from exc
+
+
 def _install_block_state(layer: nn.Module, specs: dict[str, dict[str, Any]], state: dict[str, torch.Tensor]) -> None:
     for nm, spec in specs.items():
         _set(layer, nm, QuantLinear.from_spec(spec))
     layer.load_state_dict(state, strict=True)
 
 
-def _data_digest(ids: torch.Tensor, w: torch.Tensor, cfg: MethodConfig) -> str:
+_FINGERPRINT_ELEMS = 1 << 16  # elements hashed per tensor: cheap on 8B models, and any fine-tune changes them
+
+
+@torch.no_grad()
+def weight_fingerprint(model: nn.Module) -> str:
+    """A hash of the model's weights: names, shapes, dtypes and up to 65536 evenly strided
+    elements per tensor (every element of small tensors). Identifies the model in the resume
+    digest without reading gigabytes twice."""
     h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // _FINGERPRINT_ELEMS)
+        sample = flat[::step].to("cpu", torch.float64 if t.is_floating_point() else torch.int64)
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _data_digest(ids: torch.Tensor, w: torch.Tensor, cfg: MethodConfig, weights: str = "") -> str:
+    h = hashlib.sha256()
+    h.update(weights.encode())  # the model: another model must not resume from these blocks
     h.update(ids.cpu().numpy().tobytes())
     h.update(w.float().cpu().numpy().tobytes())
     h.update(json.dumps(cfg.to_dict(), sort_keys=True).encode())
@@ -244,33 +282,45 @@ def calibrate(
     transform = get_transform(cfg)
     model.eval()
     torch.manual_seed(cfg.seed)
+    # before prepare_model (QuaRot rewrites the weights in place), so a resumed run matches
+    fingerprint = weight_fingerprint(model) if run_dir is not None else ""
     transform.prepare_model(model)  # exact FP rewrite (QuaRot); teacher = this model
     model_dtype = next(model.parameters()).dtype
     lm = model.layer_map()
     n_layers = len(model.layers)
 
     rd = Path(run_dir) if run_dir is not None else None
-    digest = _data_digest(data, pos_w, cfg)
+    digest = _data_digest(data, pos_w, cfg, fingerprint)
     start = 0
     x_fp = x_q = None
+    records: list[dict[str, Any]] = []  # block log records, kept in state.json for the final log
     if rd is not None:
         rd.mkdir(parents=True, exist_ok=True)
         st_path = rd / "state.json"
         if st_path.is_file():
-            st = json.loads(st_path.read_text())
+            st = _read_resume(rd, st_path, lambda: json.loads(st_path.read_text()))
+            if st.get("weights") != fingerprint:
+                raise ResumeError(f"{rd} holds a run of another model (weight fingerprint {st.get('weights')} vs "
+                                  f"{fingerprint}); {_DISCARD.format(rd=rd)}")
             if st.get("digest") != digest:
-                raise ValueError(f"{rd} holds a run with another config or data; use a fresh --run-dir")
+                raise ResumeError(f"{rd} holds a run with another config or data; {_DISCARD.format(rd=rd)}")
             from safetensors.torch import load_file
 
-            start = st["done"]
+            start = int(st["done"])
             for i in range(start):
-                blk = load_file(str(rd / f"block_{i:04d}.safetensors"))
-                specs = json.loads((rd / f"block_{i:04d}.json").read_text())
-                _install_block_state(model.layers[i], specs, blk)
+                f_st, f_js = rd / f"block_{i:04d}.safetensors", rd / f"block_{i:04d}.json"
+                blk = _read_resume(rd, f_st, lambda: load_file(str(f_st)))
+                specs = _read_resume(rd, f_js, lambda: json.loads(f_js.read_text()))
+                _read_resume(rd, f_st, lambda: _install_block_state(model.layers[i], specs, blk))
                 _norm_like_to(model.layers[i], model_dtype)
             if start > 0:
-                acts = load_file(str(rd / f"acts_{start:04d}.safetensors"))
-                x_fp, x_q = acts["x_fp"], acts["x_q"]
+                f_acts = rd / f"acts_{start:04d}.safetensors"
+                acts = _read_resume(rd, f_acts, lambda: load_file(str(f_acts)))
+                x_fp = acts["x_fp"]
+                x_q = acts.get("x_q", x_fp)
+            records = list(st.get("records", []))
+            for rec in records:  # the blocks done before the interruption belong to this run's log
+                log({**rec, "resumed": True})
             log({"event": "resume", "from_block": start})
 
     with torch.no_grad():
@@ -319,15 +369,18 @@ def calibrate(
         rec = {"event": "block", "block": i, "method": cfg.method, "loss_rtn": loss_rtn,
                "loss_after": loss_q, "seconds": round(time.time() - tb, 3), **ctx.stats}
         log(rec)
+        records.append(rec)
         if progress and hasattr(it, "set_postfix"):
             it.set_postfix(rtn=f"{loss_rtn:.3g}", after=f"{loss_q:.3g}")
         if rd is not None:
             state = {k: v for k, v in layer.state_dict().items()}
             _atomic_save_tensors(state, rd / f"block_{i:04d}.safetensors")
             _atomic_json(quantized_specs(layer), rd / f"block_{i:04d}.json")
-            _atomic_save_tensors({"x_fp": x_fp, "x_q": x_q}, rd / f"acts_{i + 1:04d}.safetensors")
-            _atomic_json({"digest": digest, "done": i + 1, "n_layers": n_layers, "config": cfg.to_dict()},
-                         rd / "state.json")
+            # fp_inputs: the student inputs are the FP ones (one tensor; safetensors refuses aliases)
+            acts = {"x_fp": x_fp} if x_q is x_fp else {"x_fp": x_fp, "x_q": x_q}
+            _atomic_save_tensors(acts, rd / f"acts_{i + 1:04d}.safetensors")
+            _atomic_json({"digest": digest, "weights": fingerprint, "done": i + 1, "n_layers": n_layers,
+                          "config": cfg.to_dict(), "records": records}, rd / "state.json")
             old = rd / f"acts_{i:04d}.safetensors"
             if old.exists():
                 old.unlink()

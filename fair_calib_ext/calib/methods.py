@@ -68,6 +68,15 @@ class MethodConfig:
         if isinstance(self.quant, dict):
             self.quant = QuantConfig.from_dict(self.quant)
         parse_method(self.method)
+        # values that would crash deep inside a run (GPTQ's block loop) or train on NaNs
+        for name in ("lr", "clip_lr", "gptq_damp"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {v}")
+        if self.gptq_block < 1:
+            raise ValueError(f"gptq_block must be >= 1, got {self.gptq_block}")
+        if not 0.0 <= self.sq_alpha <= 1.0:
+            raise ValueError(f"sq_alpha must be in [0, 1], got {self.sq_alpha}")
 
     @property
     def transform(self) -> str:

@@ -39,20 +39,21 @@ def default_gen_kwargs(
     (keys ``gen_length``/``max_new_tokens``, ``steps``, ``block_length``, ``remasking``/``alg``),
     then defaults: the task suite's GEN_LENGTH, steps = gen_length (one token per step), LLaDA
     one block with ``low_confidence``, Dream its timestep schedule (no blocks) with ``entropy``;
-    temperature 0."""
+    temperature 0. Resolved and validated by the same function as ``sample``'s
+    (:func:`fair_calib_ext.sampling.settings.resolve_sampler_settings`): an invalid value raises
+    ``UsageError``, it is never replaced by a default."""
+    from ..sampling.settings import resolve_sampler_settings
     from .tasks import GEN_LENGTH
 
-    gc = dict(generation_config or {})
     family = getattr(model.config, "family", "llada")
-    g = int(gen_length or gc.get("gen_length") or gc.get("max_new_tokens") or GEN_LENGTH)
-    s = int(steps or gc.get("steps") or g)
-    bl = block_length or gc.get("block_length")
-    if bl is not None and g % int(bl) != 0:
-        bl = None  # a checkpoint default that does not divide a user's gen_length: one block
+    st = resolve_sampler_settings(gen_length=gen_length, steps=steps, block_length=block_length,
+                                  remasking=remasking, generation_config=generation_config,
+                                  default_gen_length=GEN_LENGTH)
+    bl = st.block_length
     if bl is None and family != "dream":
-        bl = g  # LLaDA: one block = pure diffusion; Dream without blocks uses its timestep schedule
-    rm = remasking or gc.get("remasking") or gc.get("alg") or ("entropy" if family == "dream" else "low_confidence")
-    return {"gen_length": g, "steps": s, "block_length": None if bl is None else int(bl), "remasking": rm,
+        bl = st.gen_length  # LLaDA: one block = pure diffusion; Dream without blocks uses its timestep schedule
+    rm = st.remasking or ("entropy" if family == "dream" else "low_confidence")
+    return {"gen_length": st.gen_length, "steps": st.steps, "block_length": bl, "remasking": rm,
             "temperature": 0.0}
 
 

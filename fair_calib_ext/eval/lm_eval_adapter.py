@@ -234,11 +234,26 @@ def register() -> type[FairDLLM]:
     return FairDLLM
 
 
+def _with_default_device(argv: list[str]) -> list[str]:
+    """``argv`` plus ``--device cuda`` or ``--device cpu`` when it names no device.
+
+    lm-eval's own default is ``cuda:0`` even on machines without CUDA; this adapter uses CUDA
+    when it is available and the CPU otherwise, and says which on stderr.
+    """
+    if any(a == "--device" or a.startswith("--device=") for a in argv):
+        return argv
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    why = "CUDA is available" if dev == "cuda" else "no CUDA device is available"
+    print(f"fair_dllm: no --device given; using {dev} ({why})", file=sys.stderr)
+    return [*argv, "--device", dev]
+
+
 def main() -> None:
-    """lm-eval's CLI with ``fair_dllm`` registered."""
+    """lm-eval's CLI with ``fair_dllm`` registered (and a device it can use by default)."""
     register()
     from lm_eval.__main__ import cli_evaluate
 
+    sys.argv = _with_default_device(list(sys.argv))
     cli_evaluate()
 
 

@@ -15,6 +15,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..errors import CheckpointError
+from ..quant.checkpoint import install_quant_modules, read_quantization_block
 from . import dream, llada
 from .config import ModelConfig
 from .transformer import DiffusionLM
@@ -31,6 +33,7 @@ __all__ = [
     "save_pretrained",
     "load_tokenizer",
     "load_generation_config",
+    "load_quantized",
     "CheckpointError",
 ]
 
@@ -39,8 +42,6 @@ ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 _FAMILIES = {llada.MODEL_TYPE: llada, dream.MODEL_TYPE: dream}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be loaded (missing files, names or shapes)."""
 
 
 def available_embedded() -> list[str]:
@@ -138,15 +139,24 @@ _ST_DTYPES = {
 
 def _read_header(fname: Path) -> tuple[dict[str, Any], int]:
     """(tensor entries, byte offset of the data section) of a safetensors file."""
+    size = fname.stat().st_size
     with open(fname, "rb") as fh:
         raw = fh.read(8)
         if len(raw) != 8:
             raise CheckpointError(f"{fname}: not a safetensors file (too short)")
         n = int.from_bytes(raw, "little")
-        if n <= 0 or n > 100_000_000:
-            raise CheckpointError(f"{fname}: not a safetensors file (bad header length {n})")
-        header = json.loads(fh.read(n))
-    header.pop("__metadata__", None)
+        if n <= 0 or n > 100_000_000 or 8 + n > size:
+            raise CheckpointError(f"{fname}: not a safetensors file or truncated (header length {n}, "
+                                  f"file size {size})")
+        try:
+            header = json.loads(fh.read(n))
+            header.pop("__metadata__", None)
+            ends = [int(e["data_offsets"][1]) for e in header.values()]
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+            raise CheckpointError(f"{fname}: not a safetensors file (unreadable header: {exc})") from None
+    # a file cut short (interrupted copy) is caught here, before any tensor is read
+    if 8 + n + max(ends, default=0) > size:
+        raise CheckpointError(f"{fname}: truncated ({size} bytes, the header needs {8 + n + max(ends)})")
     return header, 8 + n
 
 
@@ -224,17 +234,12 @@ def load_pretrained(
     to ``dtype`` on ``device``), so peak memory stays near one copy of the weights. Every
     official tensor name is mapped and its shape checked; missing or unexpected tensors raise
     :class:`CheckpointError` listing them. Directories whose config.json has a
-    ``quantization_config`` block are handed to ``fair_calib_ext.calib.checkpoint.load_quantized``.
+    ``quantization_config`` block are loaded by :func:`load_quantized`.
     """
     path = resolve_model_path(path_or_name)
     raw = read_config(path)
     if "quantization_config" in raw:
-        from ..calib.checkpoint import load_quantized  # another package's module: import lazily
-
-        qmodel = load_quantized(path, dtype=dtype, device=device)
-        if isinstance(qmodel, nn.Module) and not hasattr(qmodel, "generation_config"):
-            qmodel.generation_config = load_generation_config(path)
-        return qmodel
+        return load_quantized(path, dtype=dtype, device=device)
     config = parse_official_config(raw)
     fam = _family_module(config)
     device = torch.device(device)
@@ -308,6 +313,73 @@ def load_pretrained(
     model.requires_grad_(True)
     # the samplers take Dream's defaults (top_p, top_k, alg_temp, eps) from here
     model.generation_config = load_generation_config(path)
+    return model.eval()
+
+
+def load_quantized(path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu", use_kernels: bool | None = None) -> nn.Module:
+    """Rebuild a model saved by ``calib.save_quantized``; its linears run the packed int4 kernels.
+
+    Full-precision tensors (embeddings, norms, LM head) are cast to ``dtype``; packed weights,
+    scales, biases and transforms keep their stored dtypes. The specs, tensor names, shapes and
+    dtypes are checked against the config before any tensor is read, as for official
+    checkpoints: a mismatch or a damaged file is a :class:`CheckpointError`.
+    """
+    p = resolve_model_path(path)
+    raw = read_config(p)
+    qconf = read_quantization_block(p, raw)
+    config = parse_official_config(raw)
+    with torch.device("meta"):
+        model = DiffusionLM(config)
+    install_quant_modules(model, qconf, path=p, use_kernels=use_kernels)
+    fname = p / "model.safetensors"
+    if not fname.is_file():
+        raise CheckpointError(f"{p}: no model.safetensors")
+    header, start = _read_header(fname)
+    tied = config.tie_word_embeddings
+    expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    qnames = tuple(n + "." for n in qconf["modules"])
+    missing = sorted(k for k in expected if k not in header)
+    unexpected = sorted(k for k in header if k not in expected and not (tied and k == "lm_head.weight"))
+    bad: list[str] = []
+    for k, ref in expected.items():
+        e = header.get(k)
+        if e is None:
+            continue
+        stored = _ST_DTYPES.get(e["dtype"])
+        if tuple(e["shape"]) != tuple(ref.shape):
+            bad.append(f"{k}: checkpoint {list(e['shape'])} vs config {list(ref.shape)}")
+        elif stored is None or stored.is_floating_point != ref.dtype.is_floating_point or \
+                (not stored.is_floating_point and stored != ref.dtype):
+            bad.append(f"{k}: dtype {e['dtype']} vs {str(ref.dtype).replace('torch.', '')}")
+    if missing or unexpected or bad:
+        parts = [f"cannot load {p} as a quantized {config.family}:"]
+        if missing:
+            parts.append(f"missing tensors ({len(missing)}): {', '.join(missing[:10])}")
+        if unexpected:
+            parts.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:10])}")
+        if bad:
+            parts.append(f"shape/dtype mismatches ({len(bad)}): {'; '.join(bad[:10])}")
+        raise CheckpointError("\n  ".join(parts))
+    biggest = max((e["data_offsets"][1] - e["data_offsets"][0] for e in header.values()), default=0)
+    stage = torch.empty(max(8, min(_STAGE_BYTES, biggest)), dtype=torch.uint8)
+    state: dict[str, torch.Tensor] = {}
+    with open(fname, "rb") as fh:
+        for k in expected:
+            # packed weights, scales, biases, transforms keep their stored dtype; the rest -> dtype
+            want = _ST_DTYPES[header[k]["dtype"]] if k.startswith(qnames) else dtype
+            state[k] = _read_tensor(fh, header[k], start, fname, k, want, stage)
+    del stage
+    if tied:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if tied:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.quantization_config = {"method": qconf.get("method"), "config": qconf.get("method_config"),
+                                 "prior": qconf.get("prior")}
+    model.to(device)
+    model.requires_grad_(False)
+    model.generation_config = load_generation_config(p)
     return model.eval()
 
 

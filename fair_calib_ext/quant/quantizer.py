@@ -46,16 +46,14 @@ class QuantConfig:
 
     w_bits / a_bits: 4 or 8 (16 = keep full precision). Weights symmetric per output channel,
     activations symmetric per token, dynamic. ``w_clip`` / ``a_clip`` are the fixed clip ratios
-    (methods with learnable clipping replace them per layer). ``learn_clip`` turns on FlatQuant's
-    learnable sigmoid clipping (initial logit ``clip_init``, sigma(4) ~= 0.982).
+    (methods with learnable clipping replace them per layer; FlatQuant's learnable clips are
+    configured by ``calib.MethodConfig.learn_clip`` / ``clip_init``).
     """
 
     w_bits: int = 4
     a_bits: int = 4
     w_clip: float = 1.0
     a_clip: float = 1.0
-    learn_clip: bool = False
-    clip_init: float = 4.0
     symmetric: bool = True
     w_granularity: str = "per_channel"
     a_granularity: str = "per_token"
@@ -92,6 +90,8 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        # unknown keys are dropped: configs saved before a field was removed (learn_clip,
+        # clip_init: never read) still load
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 

@@ -1,0 +1,360 @@
+"""Clear refusals before the work (issue 14 §3–§5): every CLI turns a wrong argument or a damaged
+input into one ``error: ...`` line and exit status 2, and lets internal errors keep their traceback."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fair_calib_ext
+from fair_calib_ext import calibrate as calibrate_cli
+from fair_calib_ext import evaluate as evaluate_cli
+from fair_calib_ext import sample as sample_cli
+from fair_calib_ext.errors import CheckpointError
+from fair_calib_ext.models import ASSETS_DIR, available_embedded, load_pretrained, read_config
+
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),  # tests/conftest.py
+    pytest.mark.skipif("tiny-llada" not in available_embedded(), reason="embedded tiny-llada not built"),
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "tiny-llada"
+EVAL_ARGS = ["--tasks", "add", "--n", "1", "--no-progress", "--device", "cpu"]
+SMALL = ["--nsamples", "2", "--seqlen", "16", "--epochs", "1", "--n-probe", "2"]
+
+
+def _one_line_2(rc: int, capsys: pytest.CaptureFixture[str], *needles: str) -> str:
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    for n in needles:
+        assert n in err, (n, err)
+    return err
+
+
+@pytest.fixture(scope="module")
+def qdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-llada quantized with RTN (seconds), saved with its tokenizer."""
+    from fair_calib_ext.calib import calibrate, save_quantized
+
+    torch.set_num_threads(1)
+    model = load_pretrained(MODEL)
+    calibrate(model, "rtn", torch.randint(4, 700, (2, 16)), progress=False)
+    return save_quantized(model, tmp_path_factory.mktemp("q") / "rtn", tokenizer_from=ASSETS_DIR / MODEL)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+# -- §3: --quantized takes quantized checkpoints only -----------------------------------------
+def test_quantized_refuses_full_precision_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fp = str(ASSETS_DIR / MODEL)
+    rc = sample_cli.main(["--quantized", fp, "--prompt", "Q: 1+1=? A:", "--gen-length", "4"])
+    _one_line_2(rc, capsys, "--quantized", "quantization_config")
+    rc = evaluate_cli.main(["--model", MODEL, "--quantized", fp, "--out", str(tmp_path / "e"), *EVAL_ARGS])
+    _one_line_2(rc, capsys, "--quantized", "quantization_config")
+    assert not (tmp_path / "e").exists()
+
+
+# -- §3: evaluate validates sampler settings exactly as sample does --------------------------
+@pytest.mark.parametrize("argv,needle", [
+    (["--gen-length", "0"], "--gen-length must be >= 1"),
+    (["--gen-length", "8", "--steps", "0"], "--steps must be >= 1"),
+    (["--gen-length", "8", "--block-length", "3"], "divisible by --block-length"),
+    (["--gen-length", "8", "--steps", "100000000"], "--steps (100000000) must be <= --gen-length (8)"),
+])
+def test_evaluate_validates_sampler_like_sample(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                argv: list[str], needle: str) -> None:
+    rc = sample_cli.main(["--model", MODEL, "--prompt", "Q: 1+1=? A:", *argv])
+    err_sample = _one_line_2(rc, capsys, needle)
+    rc = evaluate_cli.main(["--model", MODEL, "--out", str(tmp_path / "e"), *EVAL_ARGS, *argv])
+    err_eval = _one_line_2(rc, capsys, needle)
+    assert err_sample == err_eval  # one shared validator
+    assert not (tmp_path / "e").exists()
+
+
+# -- §3: options accepted and ignored ----------------------------------------------------------
+def test_quantconfig_has_no_dead_clip_fields() -> None:
+    import dataclasses
+
+    from fair_calib_ext.quant import QuantConfig
+
+    names = {f.name for f in dataclasses.fields(QuantConfig)}
+    assert not names & {"learn_clip", "clip_init"}  # never read: FlatQuant's clips are MethodConfig's
+    # dicts written before the removal still load
+    assert QuantConfig.from_dict({"w_bits": 4, "a_bits": 4, "learn_clip": True, "clip_init": 4.0}).w_bits == 4
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--method", "flatquant", "--act-clip", "0.9"], "--act-clip"),
+    (["--method", "fair", "--w-clip-search", "on"], "--w-clip-search"),
+    (["--method", "rtn", "--gptq-block", "64"], "--gptq-block"),
+    (["--method", "quarot", "--gptq-act-order"], "--gptq-act-order"),
+    (["--method", "smoothquant", "--gptq-damp", "0.1"], "--gptq-damp"),
+    (["--method", "quarot+gptq", "--gptq-block", "0"], "--gptq-block must be >= 1"),
+    (["--method", "rtn", "--lr", "nan"], "--lr must be a finite number > 0"),
+    (["--method", "fair", "--clip-lr", "inf"], "--clip-lr must be a finite number > 0"),
+    (["--method", "gptq", "--gptq-damp", "-1"], "--gptq-damp must be a finite number > 0"),
+    (["--method", "rtn", "--threads", "-1"], "--threads must be >= 1"),
+    (["--method", "rtn", "--nsamples", "100000000"], "--nsamples 100000000"),
+])
+def test_calibrate_refuses_before_work(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
+                                       needle: str) -> None:
+    out = tmp_path / "q"
+    # a small run, so that a refusal that went missing fails the test in seconds, not minutes
+    rc = calibrate_cli.main(["--model", MODEL, "--out", str(out), "--no-progress", *SMALL, *argv])
+    _one_line_2(rc, capsys, needle)
+    assert not out.exists() and not out.with_name("q.run").exists()
+
+
+# -- §3: the CLI's flatquant is the report's flatquant (FP block inputs) ---------------------
+def test_cli_flatquant_uses_fp_inputs_like_reproduce(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce_for_test", ROOT / "python" / "reproduce.py")
+    rep = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce_for_test"] = rep  # dataclasses need the module registered
+    spec.loader.exec_module(rep)
+    want = rep.row_spec("FlatQuant")[0]["fp_inputs"]
+    base = ["--model", MODEL, "--nsamples", "2", "--seqlen", "16", "--epochs", "0", "--no-progress"]
+    for extra, expect in (([], want), (["--no-fp-inputs"], False)):
+        out = tmp_path / f"fq{len(extra)}"
+        assert calibrate_cli.main([*base, "--method", "flatquant", "--out", str(out), *extra]) == 0
+        mc = read_config(out)["quantization_config"]["method_config"]
+        assert mc["fp_inputs"] is expect
+    assert want is True
+
+
+# -- §4: outputs validated first ---------------------------------------------------------------
+def test_out_validated_before_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    rc = calibrate_cli.main(["--model", MODEL, "--method", "rtn", "--out", str(afile), "--overwrite", *SMALL])
+    _one_line_2(rc, capsys, "--out", "not a directory")
+    rc = calibrate_cli.main(["--model", MODEL, "--method", "rtn", "--out", str(afile / "sub"), *SMALL])
+    _one_line_2(rc, capsys, "--out", "cannot be created")
+    rc = calibrate_cli.main(["--model", MODEL, "--method", "rtn", "--out", "/proc/fair_calib_test/q", *SMALL])
+    _one_line_2(rc, capsys, "--out")
+    rc = evaluate_cli.main(["--model", MODEL, "--out", str(afile), *EVAL_ARGS])
+    _one_line_2(rc, capsys, "--out", "not a directory")
+    rc = evaluate_cli.main(["--model", MODEL, "--out", "/proc/fair_calib_test/e", *EVAL_ARGS])
+    _one_line_2(rc, capsys, "--out")
+    assert afile.read_text() == "x"
+
+
+def test_evaluate_refuses_non_empty_out_unless_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "e"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    rc = evaluate_cli.main(["--model", MODEL, "--out", str(out), *EVAL_ARGS, "--gen-length", "4"])
+    _one_line_2(rc, capsys, "--out", "--overwrite")
+    assert (out / "results.json").read_text() == "{}"
+    assert evaluate_cli.main(["--model", MODEL, "--out", str(out), *EVAL_ARGS, "--gen-length", "4",
+                              "--overwrite"]) == 0
+    assert json.loads((out / "results.json").read_text())["models"][0]["label"] == "FP"
+
+
+# -- §4: damaged or mismatched quantized checkpoints -------------------------------------------
+def test_truncated_and_garbage_quantized_weights(qdir: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    cut = _copy(qdir, tmp_path / "cut")
+    raw = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(raw[: len(raw) // 2])
+    junk = _copy(qdir, tmp_path / "junk")
+    (junk / "model.safetensors").write_bytes(os.urandom(4096))
+    for d, needle in ((cut, "truncated"), (junk, "not a safetensors file")):
+        with pytest.raises(CheckpointError, match=needle):
+            load_pretrained(d)
+        rc = sample_cli.main(["--quantized", str(d), "--prompt", "Q: 1+1=? A:", "--gen-length", "4"])
+        _one_line_2(rc, capsys, needle, "model.safetensors")
+
+
+def test_quantized_spec_and_shape_mismatch(qdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    spec_bad = _copy(qdir, tmp_path / "spec")
+    cfg = json.loads((spec_bad / "config.json").read_text())
+    name = next(iter(cfg["quantization_config"]["modules"]))
+    cfg["quantization_config"]["modules"][name]["out_features"] += 2
+    (spec_bad / "config.json").write_text(json.dumps(cfg))
+    shape_bad = _copy(qdir, tmp_path / "shape")
+    st = load_file(str(shape_bad / "model.safetensors"))
+    st[f"{name}.linear.weight_packed"] = st[f"{name}.linear.weight_packed"][:-1].contiguous()
+    save_file(st, str(shape_bad / "model.safetensors"))
+    for d, needle in ((spec_bad, "specs do not match the model config"), (shape_bad, "shape/dtype mismatches")):
+        with pytest.raises(CheckpointError, match=needle):
+            load_pretrained(d)
+        rc = evaluate_cli.main(["--model", MODEL, "--quantized", str(d), "--out", str(tmp_path / "e"), *EVAL_ARGS])
+        _one_line_2(rc, capsys, needle, name)
+
+
+def test_hidden_size_mismatch_reason_is_not_cut_off(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = _copy(ASSETS_DIR / MODEL, tmp_path / "m")
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["d_model"] = 64
+    (bad / "config.json").write_text(json.dumps(cfg))
+    rc = calibrate_cli.main(["--model", str(bad), "--method", "rtn", "--out", str(tmp_path / "q")])
+    _one_line_2(rc, capsys, "cannot load", "shape mismatches", "checkpoint [128, 128] vs model [64, 64]")
+    rc = evaluate_cli.main(["--model", str(bad), "--out", str(tmp_path / "e"), *EVAL_ARGS])
+    _one_line_2(rc, capsys, "cannot load", "shape mismatches", "checkpoint [128, 128] vs model [64, 64]")
+
+
+# -- §4: devices and threads -------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = sample_cli.main(["--model", MODEL, "--prompt", "x", "--device", "cuda"])
+    _one_line_2(rc, capsys, "--device cuda", "CUDA")
+    rc = evaluate_cli.main(["--model", MODEL, "--out", str(tmp_path / "e"), *EVAL_ARGS, "--device", "cuda"])
+    _one_line_2(rc, capsys, "--device cuda", "CUDA")
+    rc = calibrate_cli.main(["--model", MODEL, "--method", "rtn", "--out", str(tmp_path / "q"), "--device", "cuda"])
+    _one_line_2(rc, capsys, "--device cuda", "CUDA")
+    rc = sample_cli.main(["--model", MODEL, "--prompt", "x", "--device", "gpu0"])
+    _one_line_2(rc, capsys, "--device", "gpu0")
+
+
+@pytest.mark.parametrize("threads", ["-1", "0"])
+def test_sample_threads_must_be_positive(threads: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = sample_cli.main(["--model", MODEL, "--prompt", "x", "--gen-length", "4", "--threads", threads])
+    _one_line_2(rc, capsys, "--threads must be >= 1")
+
+
+# -- §4: internal errors keep their traceback --------------------------------------------------
+def test_clis_do_not_swallow_internal_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*a: object, **k: object) -> None:
+        raise KeyError("internal bug")
+
+    monkeypatch.setattr("fair_calib_ext.sampling.generate", boom)
+    with pytest.raises(KeyError, match="internal bug"):
+        sample_cli.main(["--model", MODEL, "--prompt", "x", "--gen-length", "4"])
+    monkeypatch.setattr("fair_calib_ext.eval.runner.evaluate_model", boom)
+    with pytest.raises(KeyError, match="internal bug"):
+        evaluate_cli.main(["--model", MODEL, "--out", str(tmp_path / "e"), *EVAL_ARGS, "--gen-length", "4"])
+
+    def bad_value(*a: object, **k: object) -> None:
+        raise ValueError("internal bug")
+
+    monkeypatch.setattr("fair_calib_ext.calib.calibrate", bad_value)
+    with pytest.raises(ValueError, match="internal bug"):
+        calibrate_cli.main(["--model", MODEL, "--method", "rtn", "--nsamples", "2", "--seqlen", "16",
+                            "--out", str(tmp_path / "q"), "--no-progress"])
+
+
+# -- §4: resume files --------------------------------------------------------------------------
+def test_damaged_resume_state_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "q.run"
+    run.mkdir()
+    (run / "state.json").write_text('{"digest": "ab')  # cut off mid-write by a crash
+    rc = calibrate_cli.main(["--model", MODEL, "--method", "rtn", "--nsamples", "2", "--seqlen", "16",
+                             "--out", str(tmp_path / "q"), "--no-progress"])
+    _one_line_2(rc, capsys, "state.json", str(run))
+
+
+# -- §4: the lm-eval adapter picks a device it has ---------------------------------------------
+def test_lm_eval_adapter_defaults_to_an_available_device(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("lm_eval")
+    import lm_eval.__main__ as lm_main
+
+    from fair_calib_ext.eval import lm_eval_adapter
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(lm_main, "cli_evaluate", lambda *a, **k: seen.append(list(sys.argv)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["lm_eval_adapter", "run", "--model", "fair_dllm", "--tasks", "x"])
+    lm_eval_adapter.main()
+    assert seen and seen[0][-2:] == ["--device", "cpu"]
+    assert "cpu" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["lm_eval_adapter", "run", "--model", "fair_dllm", "--device", "cuda:1"])
+    lm_eval_adapter.main()
+    assert seen[1].count("--device") == 1 and "cuda:1" in seen[1]  # an explicit choice is kept
+
+
+# -- §5: layering ------------------------------------------------------------------------------
+def _imports(path: Path) -> set[str]:
+    """Absolute module names imported by ``path`` (relative imports resolved)."""
+    pkg = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = pkg.split(".")
+            if node.level:
+                base = base[: len(base) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            out.add(mod)
+            out |= {f"{mod}.{a.name}" for a in node.names}
+    return out
+
+
+def test_quantized_format_sits_below_models_and_calib() -> None:
+    pkg = Path(fair_calib_ext.__file__).resolve().parent
+    for sub, banned in (("quant", ("fair_calib_ext.models", "fair_calib_ext.calib")),
+                        ("models", ("fair_calib_ext.calib",))):
+        for f in sorted((pkg / sub).glob("*.py")):
+            bad = [m for m in _imports(f) if m.startswith(banned)]
+            assert not bad, f"{f.name} imports {bad}: {sub} must not depend on {banned}"
+    from fair_calib_ext.calib import checkpoint as calib_ckpt
+    from fair_calib_ext.quant import checkpoint as fmt
+
+    assert calib_ckpt.QUANT_FORMAT == fmt.QUANT_FORMAT  # the old import path keeps working
+    assert callable(calib_ckpt.load_quantized) and callable(calib_ckpt.save_quantized)
+
+
+def test_int4_contract_lives_in_the_repo() -> None:
+    doc = ROOT / "docs" / "kernels.md"
+    assert doc.is_file() and "low four bits" in doc.read_text() and "round half to even" in doc.read_text().lower()
+    hits = []
+    for d in ("fair_calib_ext", "csrc", "cmake", "tests", "python"):
+        for f in (ROOT / d).rglob("*"):
+            if f.suffix in (".py", ".cpp", ".h", ".cu", ".cuh", ".cmake", ".txt") and f.name != Path(__file__).name:
+                text = f.read_text(errors="ignore")
+                if "shared/reference/kernels" in text or text.count("kernels.md") != text.count("docs/kernels.md"):
+                    hits.append(str(f.relative_to(ROOT)))
+    assert not hits, f"comments point outside the repository: {hits}"
+
+
+@pytest.mark.parametrize("kw", [dict(lr=float("nan")), dict(clip_lr=-1.0), dict(gptq_block=0), dict(gptq_damp=0.0),
+                                dict(sq_alpha=1.5)])
+def test_method_config_refuses_values_that_break_a_run(kw: dict) -> None:
+    from fair_calib_ext.calib import MethodConfig
+
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        MethodConfig(method="quarot+gptq", **kw)
+
+
+def test_cli_calib_log_keeps_blocks_done_before_an_interruption(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interrupted after two blocks, then rerun: the checkpoint's calib_log.jsonl has every block."""
+    import fair_calib_ext.calib as calib
+
+    real = calib.calibrate
+
+    def interrupted(*a: object, **k: object) -> None:
+        real(*a, **k, stop_after=2)
+        raise KeyboardInterrupt  # the "kill": the run dir keeps blocks 0 and 1
+
+    argv = ["--model", MODEL, "--method", "rtn", "--out", str(tmp_path / "q"), "--no-progress", *SMALL]
+    monkeypatch.setattr(calib, "calibrate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate_cli.main(argv)
+    assert (tmp_path / "q.run" / "state.json").is_file()
+    monkeypatch.setattr(calib, "calibrate", real)
+    assert calibrate_cli.main(argv) == 0
+    recs = [json.loads(line) for line in (tmp_path / "q" / "calib_log.jsonl").read_text().splitlines()]
+    blocks = [(r["block"], bool(r.get("resumed"))) for r in recs if r["event"] == "block"]
+    assert blocks == [(0, True), (1, True), (2, False), (3, False), (4, False)]
+    assert not (tmp_path / "q.run").exists()  # finished: resume state removed
