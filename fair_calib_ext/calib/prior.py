@@ -1,26 +1,31 @@
-"""Stage I of FAIR-Calib: the position prior from full-precision random-commit rollouts.
+"""Stage I of FAIR-Calib: a position prior from full-precision teacher rollouts.
 
 For every rollout, step t (1-based, t = 1..T) and generation position i (reference §3):
 
-    F_i += λ0(t) · 1[i committed at t]                       frontier-hit term
+    F_i += λ0(t) · φ_{t,i} · 1[i committed at t]                 frontier term
     R_i += c_{t,i} / mean_{j masked}(c_{t,j}) · 1[i masked at t]   masked-stage reliability term
 
-then  w = F/mean(F) + λ1 · R/mean(R);  w = w / mean(w);  w = max(w, floor)   ("both"),
-with "frontier" (R off), "masked" (F off) and "uniform" (w ≡ 1 everywhere) as ablations.
-Reliability c: top-1 probability ("prob", default), 1 − H/log V ("neg_entropy"), p1 − p2
-("margin"). λ0 schedules: early = (T − t + 1)/T (default), flat = 1, late = t/T,
-exp = exp(−3 (t − 1)/T) (our choice of rate). The probe policy is the sampler with
-``remasking="random"`` and block length 32 (1 commit per step, argmax tokens).
+φ is the probe policy's per-commit fragility (:data:`PROBE_POLICIES`): ``random`` — random
+commits in blocks, φ = 1 (the paper's frontier hit); ``sampler`` — the model family's own
+decoding (LLaDA low-confidence, Dream entropy), φ = 1 − (p1 − p2) of the teacher at the commit;
+``noise`` — the family's decoding, φ = 1 when a W4A4 RTN student's top-1 differs from the
+teacher's committed token on the teacher's state. Reliability c: top-1 probability ("prob"),
+1 − H/log V ("neg_entropy"), p1 − p2 ("margin"). λ0: early = (T − t + 1)/T, flat = 1, late = t/T,
+exp = exp(−rate·(t − 1)/T).
 
-A property of these defaults worth knowing: with one commit per step (T = K), λ0 early and a
-constant c̃, every position gets exactly the same "both" weight, whatever the commit order — a
-position committed at step t_c collects F = (T − t_c + 1)/T and R = t_c, and after the per-term
-mean normalisation F/mean F + R/mean R = 2 (T − t_c + 1)/(T + 1) + 2 t_c/(T + 1) = 2. The shape
-of the default prior therefore comes only from how c̃ varies across positions; the frontier-only
-and masked-only ablations keep the commit-time structure.
+Combining (:class:`PriorSpec`): ``literal`` w = F + λ1·R (the accumulation rule as written, λ1 a
+real scale) or ``balanced`` w = F/mean F + λ1·R/mean R; then w / mean(w), clamped at the floor.
+Modes "frontier" (R off), "masked" (F off), "uniform" (w ≡ 1) are the ablations.
 
-Mapping onto a calibration sequence of length N: position n ≥ N − K gets w[n − (N − K)], the
-earlier positions get the floor (``uniform``: ones everywhere).
+Why the first default (balanced, λ0 early, λ1 = 1) was flat: with one commit per step (T = K) and
+a constant c̃, a position committed at step t_c collects F = (T − t_c + 1)/T and R = t_c, and after
+the per-term normalisation F/mean F + R/mean R = 2 (T − t_c + 1)/(T + 1) + 2 t_c/(T + 1) = 2 for
+every position. It is kept as the preset ``balanced``; the default (:data:`DEFAULT_PRIOR`) was
+chosen among non-flat presets on the val split (``select_default`` in ``python/reproduce.py``).
+
+Mapping onto calibration data: see :mod:`fair_calib_ext.calib.data` (continuation-aligned for
+(prompt, answer) samples; the trailing K positions of plain text windows, with ``outside``/the
+floor before them).
 """
 
 from __future__ import annotations
