@@ -477,7 +477,11 @@ def main(argv: list[str] | None = None) -> None:
     gen_length = gen_length_for(args)
     reverse_words = word_tokens(tok) if args.reverse_words == "all" else None
     meta = {"tokenizer_version": args.tokenizer_version, "gen_length": gen_length,
-            "reverse_words": args.reverse_words, "preset": args.preset}
+            "reverse_words": args.reverse_words, "preset": args.preset, "bf16": USE_BF16,
+            "recipe": {k: getattr(args, k) for k in (
+                "lr", "lr_min_ratio", "warmup", "wd", "rows", "row_len", "pretrain_frac", "seed",
+                "budget_min", "curriculum", "curriculum_every", "curriculum_n", "curriculum_floor",
+                "curriculum_ema")} | {"task_weights": parse_task_weights(args.task_weights)}}
     cfg = make_config(args.family, args, tok.get_vocab_size())
     torch.manual_seed(args.seed)
     model = build_model(cfg, seed=args.seed).train()
@@ -551,7 +555,7 @@ def main(argv: list[str] | None = None) -> None:
             te = time.time()
             res = evaluate(model, tok, val, gen_length)
             t0 += time.time() - te  # evaluation time is not training time
-            rec = {"step": step, "train_s": round(elapsed, 1), "examples": examples,
+            rec = {"step": step, "train_s": round(elapsed, 1), "examples": examples, "eval_n": args.eval_n,
                    "loss": round(run_loss / max(run_n, 1), 4), "eval_s": round(time.time() - te, 1),
                    "time": time.strftime("%H:%M:%S"), **{k: round(v, 1) for k, v in res.items()}}
             with open(out / "curve.jsonl", "a") as fh:
