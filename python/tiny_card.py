@@ -118,7 +118,8 @@ hence gen_length """ + str(g_len) + """ in `generation_config.json`."""
   cosine to {100 * rc.get('lr_min_ratio', 0.05):g}% over a wall-clock budget; grad clip 1;
   {'bf16 autocast (the CPU has AVX512-BF16/AMX; see python/TRAINING_V2.md for the measured speed-up)' if meta.get('bf16') else 'fp32'};
   1 thread per process, one process per core.""")
-        where = "a 2-core CPU with AVX512-BF16, one process per core"
+        where = ("a CPU with AVX512-BF16/AMX (bf16 autocast)" if meta.get("bf16") else "a CPU (fp32)") + \
+            ", 1 thread, one process per core"
     else:
         tok_par = """Built with the `tokenizers` library (`python/tiny_tokenizer.py`): a normalizer maps spaces to `▁`,
 a regex pre-tokenizer cuts one digit / one word / one punctuation mark (each optionally with

@@ -127,7 +127,7 @@ def test_curriculum_weights_and_presets(tr) -> None:
     assert 192 <= wide["d"] <= 256 and 6 <= wide["layers"] <= 8
 
 
-def test_wide_v2_smoke_train_export_load_resume(tr, tmp_path, one_thread) -> None:
+def test_wide_v2_smoke_train_export_load_resume(tr, tmp_path, one_thread, monkeypatch) -> None:
     from fair_calib_ext.models import load_generation_config, load_pretrained, load_tokenizer
 
     out, exp = tmp_path / "run", tmp_path / "export"
@@ -160,3 +160,17 @@ def test_wide_v2_smoke_train_export_load_resume(tr, tmp_path, one_thread) -> Non
     with torch.no_grad():
         logits = model(torch.tensor([tok("Q: 12+7=? A:", add_special_tokens=False)["input_ids"]])).logits
     assert torch.isfinite(logits).all()
+    # the model card renders the v2 tokenizer/recipe and the generalisation table
+    acc = {t: 10.0 for t in ("add", "sub", "mul", "sort", "reverse", "word", "mean")}
+    extra = {"add_w3": 5.0, "reverse_oov": 50.0}
+    ev = {"n_per_task": 2, "gen_kwargs": {"gen_length": 20}, "fp": acc, "w4a4_rtn": acc,
+          "fp_extra": extra, "w4a4_rtn_extra": extra, "extra_n": {"add_w3": 2, "reverse_oov": 2}}
+    (tmp_path / "ev.json").write_text(json.dumps(ev))
+    card = _load("tiny_card")
+    monkeypatch.setattr(sys, "argv", ["tiny_card.py", "--name", "tiny-llada", "--run", str(out),
+                                      "--eval", str(tmp_path / "ev.json"), "--out", str(exp)])
+    card.main()
+    text = (exp / "MODEL_CARD.md").read_text()
+    assert "version 2" in text and "every digit has\nexactly one id" in text and "gen_length 20" in text
+    assert "| ≥70 | ≥95 |" in text and "reverse_oov" in text and "reverse_any" in text
+    assert "bf16 autocast" in text or "fp32;" in text
