@@ -13,8 +13,9 @@ Recipe (see fair_calib_ext/assets/*/MODEL_CARD.md for the measured outcome):
   LLaDA SFT, so the model knows where answers end at any gen_length <= 32.
 - Tasks mixed in every batch; examples packed into fixed-length rows with block-diagonal
   attention (per-example RoPE positions), so padding costs almost nothing.
-- fp32 on AVX2-only CPUs (bf16 autocast, ``TINY_BF16=1``, pays only with AVX512-BF16/AMX: on
-  this project's AVX2 machine a bf16 GEMM was 4x slower than fp32); a hand-written attention (torch's bf16 SDPA backward is ~4x slower at these
+- bf16 autocast only where the CPU has AVX512-BF16/AMX (``--bf16 auto``, the default; on an
+  AVX2-only machine a bf16 GEMM was 4x slower than fp32, so auto means fp32 there; with
+  AVX512-BF16 a wide-preset step measured 2.8x faster, python/TRAINING_V2.md); a hand-written attention (torch's bf16 SDPA backward is ~4x slower at these
   shapes on the 2-core CPU, see shared/reference/tiny_training_facts.md).
 - AdamW, linear warmup then cosine decay over a *wall-clock* budget (the constraint here).
 - Dream: same model with q/k/v biases and shifted logits (raw logit i predicts token i+1). It can
