@@ -12,6 +12,11 @@ transforms) when the extension ``fair_calib_ext._C`` is built; otherwise an fp32
 the same arithmetic. The output head and the embeddings stay in full precision.
 
     python python/tiny_eval.py tiny-llada --n 100 --json out.json
+
+``--extra`` adds what shows generalisation (issue 12), FP and W4A4, test-split prompts in the
+suite's exact formats: ``add_w1``..``add_w3`` / ``sub_w1``..``sub_w3`` (both operands exactly w
+digits), ``add_u999`` / ``sub_u999`` (operands uniform in 0-999), ``reverse_oov`` (2-6 words drawn
+from the tokenizer's single-token words that are NOT in ``eval.tasks.WORDS``).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from fair_calib_ext.eval.accuracy import (  # noqa: E402
     generate_texts,
     score_predictions,
 )
-from fair_calib_ext.eval.tasks import TASKS, make_examples  # noqa: E402
+from fair_calib_ext.eval.tasks import TASKS, WORDS, Example, make_examples, split_of  # noqa: E402
 from fair_calib_ext.models import load_generation_config, load_pretrained, load_tokenizer  # noqa: E402
 
 
@@ -97,6 +102,63 @@ def accuracy(model, tok, gen_kwargs: dict, n: int, seed: int, split: str,
     return res
 
 
+def _operands(rng, mode: str) -> tuple[int, int]:
+    if mode == "u999":
+        return rng.randint(0, 999), rng.randint(0, 999)
+    w = int(mode[1:])
+    lo = 0 if w == 1 else 10 ** (w - 1)
+    return rng.randint(lo, 10**w - 1), rng.randint(lo, 10**w - 1)
+
+
+def extra_sets(tok, n: int, seed: int, split: str = "test") -> dict[str, list]:
+    """Generalisation sets (see the module docstring), prompts of ``split`` by the suite's hash."""
+    import random
+
+    rng = random.Random(1_000_033 + seed)
+    sets: dict[str, list] = {}
+
+    def draw(make) -> list:
+        out, seen = [], set()
+        for _ in range(200 * n):
+            e = make()
+            if split_of(e.prompt) == split and e.prompt not in seen:
+                seen.add(e.prompt)
+                out.append(e)
+                if len(out) == n:
+                    break
+        return out
+
+    for mode in ("w1", "w2", "w3", "u999"):
+        def add(mode=mode):
+            a, b = _operands(rng, mode)
+            return Example("add", f"Q: {a}+{b}=? A:", f" {a + b}")
+
+        def sub(mode=mode):
+            a, b = sorted(_operands(rng, mode), reverse=True)
+            return Example("sub", f"Q: {a}-{b}=? A:", f" {a - b}")
+        sets[f"add_{mode}"], sets[f"sub_{mode}"] = draw(add), draw(sub)
+    vocab = tok.get_vocab()
+    oov = sorted(t[1:] for t in vocab if t.startswith("\u2581") and t[1:].isascii() and t[1:].isalpha()
+                 and t[1:] not in WORDS and t[1:] not in ("Q", "A"))
+
+    def rev():
+        ws = rng.sample(oov, rng.randint(2, 6))
+        return Example("reverse", "Q: reverse " + " ".join(ws) + " A:", " " + " ".join(reversed(ws)))
+    if len(oov) >= 6:
+        sets["reverse_oov"] = draw(rev)
+    return sets
+
+
+def accuracy_sets(model, tok, gen_kwargs: dict, sets: dict[str, list]) -> dict[str, float]:
+    """Exact-match accuracy (%) on each named example set."""
+    res = {}
+    for name, exs in sets.items():
+        ids = encode_prompts(tok, [e.prompt for e in exs])
+        texts = generate_texts(model, tok, ids, gen_kwargs=gen_kwargs, batch_size=64)
+        res[name] = 100.0 * sum(score_predictions(exs, texts)) / max(len(exs), 1)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="embedded name or checkpoint dir")
@@ -106,6 +168,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-quant", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--extra", action="store_true",
+                    help="also operand-width / uniform-operand arithmetic and out-of-list reverse words")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = load_pretrained(args.model)
@@ -116,6 +180,11 @@ def main() -> None:
     fp_texts: dict = {}
     out["fp"] = accuracy(model, tok, gk, args.n, args.seed, args.split, fp_texts)
     print("FP   ", json.dumps(out["fp"]), f"{time.time() - t:.0f}s", flush=True)
+    sets = extra_sets(tok, args.n, args.seed, args.split) if args.extra else {}
+    if sets:
+        out["extra_n"] = {k: len(v) for k, v in sets.items()}  # add_w1/sub_w1: ~10 distinct test prompts
+        out["fp_extra"] = accuracy_sets(model, tok, gk, sets)
+        print("FP+  ", json.dumps(out["fp_extra"]), flush=True)
     if not args.no_quant:
         qm, backend = quantize_rtn(model)
         out["w4a4_backend"] = backend
@@ -129,6 +198,9 @@ def main() -> None:
         out["w4a4_same_as_fp"] = agree
         print("same ", json.dumps(agree), flush=True)
         print("W4A4 ", json.dumps(out["w4a4_rtn"]), f"{time.time() - t:.0f}s ({backend})", flush=True)
+        if sets:
+            out["w4a4_rtn_extra"] = accuracy_sets(qm, tok, gk, sets)
+            print("W4A4+", json.dumps(out["w4a4_rtn_extra"]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
 

@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--run", required=True)
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--notes-file", default=None)
+    ap.add_argument("--extra", action="store_true",
+                    help="tiny_eval.py --extra: operand-width and out-of-list reverse accuracy in the card")
     args = ap.parse_args()
     torch.set_num_threads(1)
     name = f"tiny-{args.family}"
@@ -58,7 +60,7 @@ def main() -> None:
     (asset / "golden_samples.json").write_text(json.dumps(golden(asset), indent=1) + "\n")
     ev = Path(args.run) / "eval_test.json"
     subprocess.run([py, str(ROOT / "python" / "tiny_eval.py"), str(asset), "--n", str(args.n),
-                    "--json", str(ev)], check=True)
+                    "--json", str(ev)] + (["--extra"] if args.extra else []), check=True)
     cmd = [py, str(ROOT / "python" / "tiny_card.py"), "--name", name, "--run", args.run, "--eval", str(ev),
            "--out", str(asset)]
     if args.notes_file:
