@@ -670,7 +670,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     val = {(m, r, s): v for (m, r, s, sp), v in done.items() if sp == "val"}
     selection = select_default(val, scale.models) if val else None
+    shas = {m: _sha(m) for m in scale.models}
     if selection is not None:
+        selection["models"] = shas  # a selection belongs to these weights
         out.mkdir(parents=True, exist_ok=True)
         (out / "selection.json").write_text(json.dumps(selection, indent=1))
         print("selection on val (lowest flip rate among eligible; tie-break val accuracy):")
@@ -683,6 +685,9 @@ def main(argv: list[str] | None = None) -> int:
     test = {(m, r, s): v for (m, r, s, sp), v in done.items() if sp == "test"}
     if selection is None and (out / "selection.json").is_file():
         selection = json.loads((out / "selection.json").read_text())
+        if selection.get("models") != shas:
+            print(f"{out / 'selection.json'} was made for other weights; the report leaves it out", file=sys.stderr)
+            selection = None
     write_report(runner, test, [k[:3] for k in missing if k[3] == "test"], Path(a.report),
                  time.perf_counter() - t0, "--quick" if a.quick else "full", selection)
     print(f"wrote {a.report} ({len(test)} runs, {len(missing)} not run)")
