@@ -153,35 +153,63 @@ Isa set_active_isa(Isa isa) {
   return prev;
 }
 
+void prepack_blocks(const uint8_t* W, int64_t ldw, int64_t N, int64_t K, int64_t n0,
+                    int64_t nblocks, uint8_t* out) {
+#if defined(FAIR_HAVE_AVX512_VNNI) && defined(FAIR_HAVE_AVX2)
+  // the vector prepacker follows the forced path too, so FAIR_CPU_ISA=scalar runs no AVX-512
+  if (active_isa() == Isa::kAvx512Vnni || active_isa() == Isa::kAmx) {
+    return prepack_blocks_avx512(W, ldw, N, K, n0, nblocks, out);
+  }
+#endif
+  prepack_blocks_scalar(W, ldw, N, K, n0, nblocks, out);
+}
+
 std::string selftest_pack_panels() {
   uint32_t state = 12345;
   auto next = [&state] {
     state = state * 1664525u + 1013904223u;
     return uint8_t(state >> 24);
   };
-  for (int i = 0; i < kNumIsa; ++i) {
-    const KernelTable& kt = kernels(Isa(i));
-    if (!isa_supported(Isa(i)) || kt.pack_panels == pack_panels_scalar) continue;
-    for (int64_t N : {5, 16, 37, 64, 100}) {
+  // 1. the vector prepacker against the scalar one (channel and K edges, a row stride > K/2)
+#if defined(FAIR_HAVE_AVX512_VNNI) && defined(FAIR_HAVE_AVX2)
+  if (isa_supported(Isa::kAvx512Vnni)) {
+    for (int64_t N : {5, 64, 100, 128, 200}) {
       for (int64_t K : {2, 30, 62, 64, 130, 1024 + 66, 2048}) {
-        std::vector<uint8_t> W(size_t(N * K / 2));
+        const int64_t ldw = K / 2 + 3;
+        std::vector<uint8_t> W(size_t(N * ldw));
         for (auto& b : W) b = next();
-        const int64_t Kp = (K + 63) / 64 * 64;
-        for (int64_t n0 = 0; n0 < N; n0 += 32) {
-          for (int64_t k0 = 0; k0 < Kp; k0 += 1024) {
-            const int64_t kq = std::min<int64_t>(1024, Kp - k0) / 4;
-            const int64_t npanels = ((N - n0 + 15) / 16 + 1) / 2 * 2;
-            for (bool offset : {false, true}) {
-              std::vector<uint8_t> a(size_t(npanels * kq * 64), 0xAA), b(a.size(), 0x55);
-              pack_panels_scalar(W.data(), N, K, n0, npanels, k0, kq, offset, a.data());
-              kt.pack_panels(W.data(), N, K, n0, npanels, k0, kq, offset, b.data());
-              if (a != b) {
-                return std::string(kt.name) + ": pack_panels differs from scalar at N=" +
-                       std::to_string(N) + " K=" + std::to_string(K) + " n0=" +
-                       std::to_string(n0) + " k0=" + std::to_string(k0) +
-                       " offset=" + std::to_string(offset);
-              }
-            }
+        const int64_t nb = (N + kBlockN - 1) / kBlockN, nq = (K + kKAlign - 1) / kKAlign * kKAlign / 4;
+        std::vector<uint8_t> a(size_t(nb * nq * kQuadBytes), 0xAA), b(a.size(), 0x55);
+        prepack_blocks_scalar(W.data(), ldw, N, K, 0, nb, a.data());
+        prepack_blocks_avx512(W.data(), ldw, N, K, 0, nb, b.data());
+        if (a != b) {
+          return "avx512 prepack differs from scalar at N=" + std::to_string(N) +
+                 " K=" + std::to_string(K);
+        }
+      }
+    }
+  }
+#endif
+  // 2. every supported gemm against the scalar gemm on random blocks (u in [0, 15], all rows)
+  for (int i = 1; i < kNumIsa; ++i) {
+    const KernelTable& kt = kernels(Isa(i));
+    if (!isa_supported(Isa(i))) continue;
+    for (int64_t mb : {1, 5, 6, 7, 13, 32, 64}) {
+      if (mb % kt.mr != 0) continue;
+      for (int64_t kq : {16, 48, 256}) {
+        std::vector<int8_t> A(size_t(mb * 4 * kq));
+        for (auto& v : A) v = int8_t(int(next() % 16) - 8);
+        std::vector<uint8_t> B(size_t(kq * kQuadBytes));
+        for (auto& v : B) v = next();
+        std::vector<uint8_t> scratch(size_t(kq * 256));
+        for (bool acc : {false, true}) {
+          std::vector<int32_t> c0(size_t(mb * 80), 7), c1(c0);
+          kScalarKernels.gemm(A.data(), 4 * kq, mb, B.data(), kq, c0.data(), 80, acc, nullptr);
+          kt.gemm(A.data(), 4 * kq, mb, B.data(), kq, c1.data(), 80, acc, scratch.data());
+          if (c0 != c1) {
+            return std::string(kt.name) + ": gemm differs from scalar at mb=" +
+                   std::to_string(mb) + " kq=" + std::to_string(kq) +
+                   " accumulate=" + std::to_string(acc);
           }
         }
       }

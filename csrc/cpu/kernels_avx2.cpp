@@ -5,8 +5,9 @@
 // quads (each adds one such pair per int16 lane) stay within [-30720, 26880]: we accumulate 128
 // quads in int16, then widen with vpmaddwd(·, 1) into the int32 C tile. No saturation can occur.
 //
-// Micro tile: kMr rows x 16 channels (one panel = two ymm of 8 lanes x 4 k); per quad two weight
-// loads, kMr 4-byte broadcasts of A and 2*kMr vpmaddubsw + vpaddw.
+// The prepacked int4 block (isa.h) is unpacked once per call into the thread-local scratch
+// buffer (u8 [kq][64][4]); micro tile: kMr rows x 16 channels (two ymm of 8 lanes x 4 k); per quad
+// two weight loads, kMr 4-byte broadcasts of A and 2*kMr vpmaddubsw + vpaddw.
 #include "cpu/isa.h"
 
 #if defined(FAIR_HAVE_AVX2)
@@ -39,8 +40,9 @@ FAIR_AVX2 inline void madd16(__m256i& c, __m256i w, __m256i a) {
   __asm__("vpaddw %1, %0, %0" : "+x"(c) : "x"(p));
 }
 
-FAIR_AVX2 void micro_kx16(const int8_t* A, int64_t lda, const uint8_t* B, int64_t kq, int32_t* C,
-                          int64_t ldc, bool accumulate) {
+// B: 16 channels x 4 k per quad, quads ldb bytes apart.
+FAIR_AVX2 void micro_kx16(const int8_t* A, int64_t lda, const uint8_t* B, int64_t ldb, int64_t kq,
+                          int32_t* C, int64_t ldc, bool accumulate) {
   const __m256i ones = _mm256_set1_epi16(1);
   if (!accumulate) {
     for (int i = 0; i < kMr; ++i) {
@@ -53,9 +55,9 @@ FAIR_AVX2 void micro_kx16(const int8_t* A, int64_t lda, const uint8_t* B, int64_
     // Named accumulators (not an array): gcc otherwise inserts register copies and spills.
     __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
             c30 = c00, c31 = c00;
-    const uint8_t* b = B + q0 * 64;
+    const uint8_t* b = B + q0 * ldb;
     const int8_t* a = A + 4 * q0;
-    for (int64_t q = 0; q < n; ++q, b += 64, a += 4) {
+    for (int64_t q = 0; q < n; ++q, b += ldb, a += 4) {
       const __m256i w0 = _mm256_loadu_si256((const __m256i*)b);
       const __m256i w1 = _mm256_loadu_si256((const __m256i*)(b + 32));
       __m256i av = bcast4(a);
@@ -82,88 +84,33 @@ FAIR_AVX2 void micro_kx16(const int8_t* A, int64_t lda, const uint8_t* B, int64_
   }
 }
 
-FAIR_AVX2 void gemm_avx2(const int8_t* A, int64_t lda, int64_t mb, const uint8_t* B,
-                         int64_t npanels, int64_t kq, int32_t* C, int64_t ldc, bool accumulate) {
+// Prepacked block (kq quads of 128 nibble bytes) -> u8 [kq][64][4] (u = w + 8).
+FAIR_AVX2 void unpack_block_avx2(const uint8_t* B, int64_t kq, uint8_t* out) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  for (int64_t q = 0; q < kq; ++q) {
+    for (int h = 0; h < 2; ++h) {
+      for (int s = 0; s < 2; ++s) {
+        const __m256i x = _mm256_loadu_si256((const __m256i*)(B + q * kQuadBytes + 64 * h + 32 * s));
+        uint8_t* o = out + q * 256 + 128 * h + 32 * s;
+        _mm256_storeu_si256((__m256i*)o, _mm256_and_si256(x, m4));
+        _mm256_storeu_si256((__m256i*)(o + 64), _mm256_and_si256(_mm256_srli_epi16(x, 4), m4));
+      }
+    }
+  }
+}
+
+FAIR_AVX2 void gemm_avx2(const int8_t* A, int64_t lda, int64_t mb, const uint8_t* B, int64_t kq,
+                         int32_t* C, int64_t ldc, bool accumulate, uint8_t* scratch) {
+  unpack_block_avx2(B, kq, scratch);
   for (int64_t i = 0; i < mb; i += kMr) {
-    for (int64_t p = 0; p < npanels; ++p) {
-      micro_kx16(A + i * lda, lda, B + p * kq * 64, kq, C + i * ldc + 16 * p, ldc, accumulate);
+    for (int64_t p = 0; p < kBlockN / 16; ++p) {
+      micro_kx16(A + i * lda, lda, scratch + 64 * p, 256, kq, C + i * ldc + 16 * p, ldc,
+                 accumulate);
     }
   }
 }
 
 }  // namespace
-
-// Expands 16 packed bytes of one channel (32 k = 8 quads) into 8 dwords, dword d = the 4 weight
-// bytes of quad d, encoded u = n ^ 8 (offset) or sign-extended (u - 8).
-FAIR_AVX2 static inline __m256i expand_row(const uint8_t* src, bool offset) {
-  const __m128i b = _mm_loadu_si128((const __m128i*)src);
-  const __m128i mask = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
-  const __m128i lo = _mm_and_si128(b, mask);                     // even k
-  const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);  // odd k
-  __m128i k0_15 = _mm_xor_si128(_mm_unpacklo_epi8(lo, hi), eight);
-  __m128i k16_31 = _mm_xor_si128(_mm_unpackhi_epi8(lo, hi), eight);
-  if (!offset) {
-    k0_15 = _mm_sub_epi8(k0_15, eight);
-    k16_31 = _mm_sub_epi8(k16_31, eight);
-  }
-  return _mm256_set_m128i(k16_31, k0_15);
-}
-
-// 8 x 8 dword transpose: r[j] dword q -> o[q] dword j.
-FAIR_AVX2 static inline void transpose8(const __m256i r[8], __m256i o[8]) {
-  __m256i t[8], u[8];
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
-    u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
-    u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
-    u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    o[i] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x20);
-    o[i + 4] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x31);
-  }
-}
-
-// Same result as pack_panels_scalar. Full 16-channel x 8-quad groups inside the matrix go
-// through expand_row + two 8x8 transposes; edges (channels >= N, k tail) use the scalar packer.
-FAIR_AVX2 void pack_panels_avx2(const uint8_t* W, int64_t N, int64_t K, int64_t n0,
-                                int64_t npanels, int64_t k0, int64_t kq, bool offset,
-                                uint8_t* out) {
-  const int64_t ldw = K / 2;
-  // quads [0, q_vec) of this block lie fully inside K in groups of 8
-  const int64_t q_vec = std::clamp<int64_t>((K - k0) / 32 * 8, 0, kq);
-  for (int64_t p = 0; p < npanels; ++p) {
-    const int64_t c0 = n0 + 16 * p;
-    uint8_t* panel = out + p * kq * 64;
-    if (c0 + 16 > N || q_vec == 0) {
-      pack_panels_scalar(W, N, K, c0, 1, k0, kq, offset, panel);
-      continue;
-    }
-    for (int64_t q = 0; q < q_vec; q += 8) {
-      for (int half = 0; half < 2; ++half) {
-        __m256i r[8], o[8];
-        for (int j = 0; j < 8; ++j) {
-          r[j] = expand_row(W + (c0 + 8 * half + j) * ldw + (k0 + 4 * q) / 2, offset);
-        }
-        transpose8(r, o);
-        for (int i = 0; i < 8; ++i) {
-          _mm256_storeu_si256((__m256i*)(panel + (q + i) * 64 + 32 * half), o[i]);
-        }
-      }
-    }
-    if (q_vec < kq) {  // k tail of this block: scalar, written into a scratch panel then copied
-      alignas(64) uint8_t tail[64 * 16];
-      for (int64_t q = q_vec; q < kq; q += 16) {
-        pack_panels_scalar(W, N, K, c0, 1, k0 + 4 * q, 16, offset, tail);
-        std::memcpy(panel + q * 64, tail, size_t(std::min<int64_t>(16, kq - q) * 64));
-      }
-    }
-  }
-}
 
 // clamp(round_half_even(x / s), -8, 7) for 8 floats, as int32.
 FAIR_AVX2 static inline __m256i code8(const float* p, __m256 vs, __m256 lo, __m256 hi) {
@@ -226,16 +173,15 @@ FAIR_AVX2 bool quantize_row_avx2(const float* x, int64_t K, float clip, int8_t* 
   return true;
 }
 
-const KernelTable kAvx2Kernels = {
-    "avx2", true, kMr, /*panel_multiple=*/1, /*weight_offset=*/true, gemm_avx2,
-    pack_panels_avx2, quantize_row_avx2};
+const KernelTable kAvx2Kernels = {"avx2", true, kMr, gemm_avx2, quantize_row_avx2,
+                                  epilogue_scalar};
 
 }  // namespace fair::cpu
 
 #else  // !FAIR_HAVE_AVX2
 
 namespace fair::cpu {
-const KernelTable kAvx2Kernels = {"avx2", false, 1, 1, true, nullptr, nullptr, nullptr};
+const KernelTable kAvx2Kernels = {"avx2", false, 1, nullptr, nullptr, nullptr};
 }
 
 #endif
