@@ -199,13 +199,16 @@ std::string selftest_pack_panels() {
       for (int64_t kq : {16, 48, 256}) {
         std::vector<int8_t> A(size_t(mb * 4 * kq));
         for (auto& v : A) v = int8_t(int(next() % 16) - 8);
-        std::vector<uint8_t> B(size_t(kq * kQuadBytes));
+        const int64_t nb = 3, ldb = kq * kQuadBytes + 64, ldc = nb * kBlockN + 16;
+        std::vector<uint8_t> B(size_t(nb * ldb));
         for (auto& v : B) v = next();
         std::vector<uint8_t> scratch(size_t(kq * 256));
         for (bool acc : {false, true}) {
-          std::vector<int32_t> c0(size_t(mb * 80), 7), c1(c0);
-          kScalarKernels.gemm(A.data(), 4 * kq, mb, B.data(), kq, c0.data(), 80, acc, nullptr);
-          kt.gemm(A.data(), 4 * kq, mb, B.data(), kq, c1.data(), 80, acc, scratch.data());
+          std::vector<int32_t> c0(size_t(mb * ldc), 7), c1(c0);
+          kScalarKernels.gemm(A.data(), 4 * kq, mb, B.data(), ldb, nb, kq, c0.data(), ldc, acc,
+                              nullptr);
+          kt.gemm(A.data(), 4 * kq, mb, B.data(), ldb, nb, kq, c1.data(), ldc, acc,
+                  scratch.data());
           if (c0 != c1) {
             return std::string(kt.name) + ": gemm differs from scalar at mb=" +
                    std::to_string(mb) + " kq=" + std::to_string(kq) +

@@ -19,8 +19,8 @@
 //       = 16 channels x 4 consecutive k: the VNNI / AMX "B" operand. A block is Kp * 32 bytes.
 //       Its unpacked form (u8 [kq][64][4], 256 bytes per quad: channel j of the block at byte
 //       4 j + t) is what the AVX2 and AMX kernels read from a thread-local buffer.
-//   C   int32 [mb][ldc]; gemm writes (or adds to) C[i][j] = sum_k A[i][k] * u[k][j] for the 64
-//       channels of one block over its k range. That sum includes + 8 * rowsum(A[i]); the
+//   C   int32 [mb][ldc]; gemm writes (or adds to) C[i][64 b + j] = sum_k A[i][k] * u_b[k][j]
+//       for the 64 channels j of each of `nblocks` blocks b over its k range. That sum includes + 8 * rowsum(A[i]); the
 //       epilogue subtracts it.
 //
 // Exactness: |A| <= 8 and u <= 15, so every partial sum stays far inside int32 (and inside int16
@@ -47,12 +47,13 @@ struct KernelTable {
   const char* name;
   bool compiled;  // false: this build's compiler could not target the ISA
   int mr;         // A rows are padded to a multiple of mr (1: the kernel takes any row count)
-  // C[0:mb, 0:64] (=|+=) A[0:mb, 0:4kq] . u^T for one prepacked block B (kq quads, 128 bytes
-  // each, see above); mb % mr == 0, kq % 16 == 0; A row stride lda bytes, C row stride ldc
-  // int32. `scratch` is a thread-local buffer of at least kq * 256 bytes (for paths that unpack
-  // the block once per call).
-  void (*gemm)(const int8_t* A, int64_t lda, int64_t mb, const uint8_t* B, int64_t kq, int32_t* C,
-               int64_t ldc, bool accumulate, uint8_t* scratch);
+  // C[0:mb, 0:64 nblocks] (=|+=) A[0:mb, 0:4kq] . u^T for `nblocks` prepacked blocks, block b
+  // at B + b * ldb (kq quads of 128 bytes each, see above); mb % mr == 0, kq % 16 == 0; A row
+  // stride lda bytes, C row stride ldc int32. `scratch` is a thread-local buffer of at least
+  // kq * 256 bytes (for paths that unpack a block once per call).
+  void (*gemm)(const int8_t* A, int64_t lda, int64_t mb, const uint8_t* B, int64_t ldb,
+               int64_t nblocks, int64_t kq, int32_t* C, int64_t ldc, bool accumulate,
+               uint8_t* scratch);
   // Quantizes one fp32 row of length K (see kernels.md): writes q[0:K] (int8 in [-8, 7]),
   // *scale and *rowsum = sum(q). Returns false (writing nothing) if the row has inf/NaN.
   bool (*quantize_row)(const float* x, int64_t K, float clip, int8_t* q, float* scale,

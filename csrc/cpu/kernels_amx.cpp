@@ -27,8 +27,9 @@ struct alignas(64) TileConfig {
   uint8_t rows[16];
 };
 
-FAIR_AMX void gemm_amx(const int8_t* A, int64_t lda, int64_t mb, const uint8_t* B, int64_t kq,
-                       int32_t* C, int64_t ldc, bool accumulate, uint8_t* scratch) {
+FAIR_AMX void gemm_amx_block(const int8_t* A, int64_t lda, int64_t mb, const uint8_t* B,
+                             int64_t kq, int32_t* C, int64_t ldc, bool accumulate,
+                             uint8_t* scratch) {
   unpack_block_avx512(B, kq, scratch);
   TileConfig cfg = {};
   cfg.palette_id = 1;
@@ -73,6 +74,14 @@ FAIR_AMX void gemm_amx(const int8_t* A, int64_t lda, int64_t mb, const uint8_t* 
     }
   }
   _tile_release();
+}
+
+FAIR_AMX void gemm_amx(const int8_t* A, int64_t lda, int64_t mb, const uint8_t* B, int64_t ldb,
+                       int64_t nblocks, int64_t kq, int32_t* C, int64_t ldc, bool accumulate,
+                       uint8_t* scratch) {
+  for (int64_t b = 0; b < nblocks; ++b) {
+    gemm_amx_block(A, lda, mb, B + b * ldb, kq, C + kBlockN * b, ldc, accumulate, scratch);
+  }
 }
 
 }  // namespace

@@ -99,13 +99,16 @@ FAIR_AVX2 void unpack_block_avx2(const uint8_t* B, int64_t kq, uint8_t* out) {
   }
 }
 
-FAIR_AVX2 void gemm_avx2(const int8_t* A, int64_t lda, int64_t mb, const uint8_t* B, int64_t kq,
-                         int32_t* C, int64_t ldc, bool accumulate, uint8_t* scratch) {
-  unpack_block_avx2(B, kq, scratch);
-  for (int64_t i = 0; i < mb; i += kMr) {
-    for (int64_t p = 0; p < kBlockN / 16; ++p) {
-      micro_kx16(A + i * lda, lda, scratch + 64 * p, 256, kq, C + i * ldc + 16 * p, ldc,
-                 accumulate);
+FAIR_AVX2 void gemm_avx2(const int8_t* A, int64_t lda, int64_t mb, const uint8_t* B, int64_t ldb,
+                         int64_t nblocks, int64_t kq, int32_t* C, int64_t ldc, bool accumulate,
+                         uint8_t* scratch) {
+  for (int64_t b = 0; b < nblocks; ++b) {
+    unpack_block_avx2(B + b * ldb, kq, scratch);
+    for (int64_t i = 0; i < mb; i += kMr) {
+      for (int64_t p = 0; p < kBlockN / 16; ++p) {
+        micro_kx16(A + i * lda, lda, scratch + 64 * p, 256, kq, C + i * ldc + kBlockN * b + 16 * p,
+                   ldc, accumulate);
+      }
     }
   }
 }

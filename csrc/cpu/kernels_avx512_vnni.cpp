@@ -19,6 +19,9 @@
 
 #include <cstring>
 
+// gcc 12 warns about its own _mm512_set1_* / mask intrinsics under -Wall
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 #define FAIR_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
 namespace fair::cpu {
@@ -32,50 +35,83 @@ FAIR_VNNI inline __m512i bcast4(const int8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
+// c += dot4(u8 w, s8 a) per int32 lane, in place. Written as asm with an in/out operand: with the
+// intrinsic, gcc 12 copies every accumulator of the array once per use and spills them.
+FAIR_VNNI inline void dpbusd(__m512i& c, __m512i w, __m512i a) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(c) : "v"(w), "v"(a));
+}
+
+// Accumulators are named variables (c<row><vec>), not an array: gcc keeps an array that asm
+// operands refer to in memory.
+#define FAIR_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+#define FAIR_LOAD_ROW(i)                                                                   \
+  __m512i c##i##0 = _mm512_setzero_si512(), c##i##1 = c##i##0, c##i##2 = c##i##0,         \
+          c##i##3 = c##i##0;                                                               \
+  if (R > i && accumulate) {                                                               \
+    c##i##0 = _mm512_loadu_si512((const void*)(C + i * ldc));                              \
+    c##i##1 = _mm512_loadu_si512((const void*)(C + i * ldc + 16));                         \
+    c##i##2 = _mm512_loadu_si512((const void*)(C + i * ldc + 32));                         \
+    c##i##3 = _mm512_loadu_si512((const void*)(C + i * ldc + 48));                         \
+  }
+#define FAIR_FMA_ROW(i)                                 \
+  if (R > i) {                                          \
+    const __m512i av = bcast4(a + i * lda);             \
+    dpbusd(c##i##0, w0, av);                            \
+    dpbusd(c##i##1, w1, av);                            \
+    dpbusd(c##i##2, w2, av);                            \
+    dpbusd(c##i##3, w3, av);                            \
+  }
+#define FAIR_STORE_ROW(i)                                             \
+  if (R > i) {                                                        \
+    _mm512_storeu_si512((void*)(C + i * ldc), c##i##0);               \
+    _mm512_storeu_si512((void*)(C + i * ldc + 16), c##i##1);          \
+    _mm512_storeu_si512((void*)(C + i * ldc + 32), c##i##2);          \
+    _mm512_storeu_si512((void*)(C + i * ldc + 48), c##i##3);          \
+  }
+
 template <int R>
 FAIR_VNNI void micro(const int8_t* A, int64_t lda, const uint8_t* B, int64_t kq, int32_t* C,
                      int64_t ldc, bool accumulate) {
-  __m512i c[R][4];
-  for (int i = 0; i < R; ++i) {
-    for (int v = 0; v < 4; ++v) {
-      c[i][v] = accumulate ? _mm512_loadu_si512((const void*)(C + i * ldc + 16 * v))
-                           : _mm512_setzero_si512();
-    }
-  }
+  static_assert(R >= 1 && R <= 6, "micro tile rows");
+  FAIR_ROWS(FAIR_LOAD_ROW)
   const __m512i m4 = _mm512_set1_epi8(0x0F);
-  for (int64_t q = 0; q < kq; ++q) {
-    const uint8_t* b = B + q * kQuadBytes;
+  const int8_t* a = A;
+  const uint8_t* b = B;
+  for (int64_t q = 0; q < kq; ++q, a += 4, b += kQuadBytes) {
     _mm_prefetch((const char*)(b + 8 * kQuadBytes), _MM_HINT_T0);
     _mm_prefetch((const char*)(b + 8 * kQuadBytes + 64), _MM_HINT_T0);
     const __m512i x0 = _mm512_loadu_si512((const void*)b);
     const __m512i x1 = _mm512_loadu_si512((const void*)(b + 64));
-    const __m512i w[4] = {_mm512_and_si512(x0, m4), _mm512_and_si512(_mm512_srli_epi16(x0, 4), m4),
-                          _mm512_and_si512(x1, m4), _mm512_and_si512(_mm512_srli_epi16(x1, 4), m4)};
-    const int8_t* a = A + 4 * q;
-    for (int i = 0; i < R; ++i) {
-      const __m512i av = bcast4(a + i * lda);
-      for (int v = 0; v < 4; ++v) c[i][v] = _mm512_dpbusd_epi32(c[i][v], w[v], av);
-    }
+    const __m512i w0 = _mm512_and_si512(x0, m4), w1 = _mm512_and_si512(_mm512_srli_epi16(x0, 4), m4);
+    const __m512i w2 = _mm512_and_si512(x1, m4), w3 = _mm512_and_si512(_mm512_srli_epi16(x1, 4), m4);
+    FAIR_ROWS(FAIR_FMA_ROW)
   }
-  for (int i = 0; i < R; ++i) {
-    for (int v = 0; v < 4; ++v) _mm512_storeu_si512((void*)(C + i * ldc + 16 * v), c[i][v]);
-  }
+  FAIR_ROWS(FAIR_STORE_ROW)
 }
 
+// Row tiles outermost: one tile's activations (R x 4kq bytes) stay in L1 while it sweeps the
+// blocks, whose nibbles come from L2.
 FAIR_VNNI void gemm_avx512_vnni(const int8_t* A, int64_t lda, int64_t mb, const uint8_t* B,
-                                int64_t kq, int32_t* C, int64_t ldc, bool accumulate,
-                                uint8_t* /*scratch*/) {
+                                int64_t ldb, int64_t nblocks, int64_t kq, int32_t* C, int64_t ldc,
+                                bool accumulate, uint8_t* /*scratch*/) {
   int64_t i = 0;
-  for (; i + kMr <= mb; i += kMr) micro<kMr>(A + i * lda, lda, B, kq, C + i * ldc, ldc, accumulate);
-  const int8_t* a = A + i * lda;
-  int32_t* c = C + i * ldc;
-  switch (mb - i) {
-    case 5: micro<5>(a, lda, B, kq, c, ldc, accumulate); break;
-    case 4: micro<4>(a, lda, B, kq, c, ldc, accumulate); break;
-    case 3: micro<3>(a, lda, B, kq, c, ldc, accumulate); break;
-    case 2: micro<2>(a, lda, B, kq, c, ldc, accumulate); break;
-    case 1: micro<1>(a, lda, B, kq, c, ldc, accumulate); break;
-    default: break;
+  for (; i + kMr <= mb; i += kMr) {
+    for (int64_t b = 0; b < nblocks; ++b) {
+      micro<kMr>(A + i * lda, lda, B + b * ldb, kq, C + i * ldc + kBlockN * b, ldc, accumulate);
+    }
+  }
+  if (i == mb) return;
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int8_t* a = A + i * lda;
+    const uint8_t* bb = B + b * ldb;
+    int32_t* c = C + i * ldc + kBlockN * b;
+    switch (mb - i) {
+      case 5: micro<5>(a, lda, bb, kq, c, ldc, accumulate); break;
+      case 4: micro<4>(a, lda, bb, kq, c, ldc, accumulate); break;
+      case 3: micro<3>(a, lda, bb, kq, c, ldc, accumulate); break;
+      case 2: micro<2>(a, lda, bb, kq, c, ldc, accumulate); break;
+      default: micro<1>(a, lda, bb, kq, c, ldc, accumulate); break;
+    }
   }
 }
 

@@ -14,8 +14,12 @@ inline int32_t block_u(const uint8_t* B, int64_t q, int j, int t) {
   return (j % 32) < 16 ? (byte & 15) : (byte >> 4);
 }
 
-void gemm_scalar(const int8_t* A, int64_t lda, int64_t mb, const uint8_t* B, int64_t kq,
-                 int32_t* C, int64_t ldc, bool accumulate, uint8_t* /*scratch*/) {
+void gemm_scalar(const int8_t* A, int64_t lda, int64_t mb, const uint8_t* Bs, int64_t ldb,
+                 int64_t nblocks, int64_t kq, int32_t* Cs, int64_t ldc, bool accumulate,
+                 uint8_t* /*scratch*/) {
+  for (int64_t b = 0; b < nblocks; ++b) {
+  const uint8_t* B = Bs + b * ldb;
+  int32_t* C = Cs + kBlockN * b;
   for (int64_t i = 0; i < mb; ++i) {
     const int8_t* a = A + i * lda;
     int32_t acc[kBlockN] = {0};
@@ -26,6 +30,7 @@ void gemm_scalar(const int8_t* A, int64_t lda, int64_t mb, const uint8_t* B, int
     }
     int32_t* c = C + i * ldc;
     for (int j = 0; j < kBlockN; ++j) c[j] = accumulate ? c[j] + acc[j] : acc[j];
+  }
   }
 }
 

@@ -60,8 +60,12 @@ namespace {
 #ifndef FAIR_KC
 #define FAIR_KC 1024
 #endif
-constexpr int64_t kKc = FAIR_KC;  // k per block (a multiple of 64)
+constexpr int64_t kKc = FAIR_KC;  // k per block (a multiple of 64; nibble block 32 KB)
 constexpr int64_t kMcMax = 256;   // rows per task
+#ifndef FAIR_NGROUP
+#define FAIR_NGROUP 4
+#endif
+constexpr int64_t kGroup = FAIR_NGROUP;  // 64-channel blocks per task
 
 int64_t padded_k(int64_t K) { return round_up(K, kKAlign); }
 
@@ -101,41 +105,46 @@ size_t out_elem_size(OutKind kind) {
 void run_gemm(const KernelTable& kt, const ActBuffer& act, const uint8_t* Bp, int64_t N,
               const Epilogue& ep) {
   const int64_t M = act.M, Mp = act.Mp, K = act.K, Kp = act.Kp;
-  const int64_t n_blocks = ceil_div(N, kBlockN);
+  const int64_t n_blocks = ceil_div(N, kBlockN), block_bytes = (Kp / 4) * kQuadBytes;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  // Enough tasks to balance the threads; split M further only if the channel blocks are few.
+  // Channel groups of up to kGroup blocks (an activation tile is reused across a group), and
+  // enough tasks to balance the threads; split M further only if the channel groups are few.
+  const int64_t group = std::clamp<int64_t>(n_blocks / (2 * threads), 1, kGroup);
+  const int64_t n_groups = ceil_div(n_blocks, group);
   int64_t mc = std::min(Mp, kMcMax);
-  if (n_blocks * ceil_div(Mp, mc) < 4 * threads) {
-    const int64_t m_splits = ceil_div(4 * threads, n_blocks);
+  if (n_groups * ceil_div(Mp, mc) < 4 * threads) {
+    const int64_t m_splits = ceil_div(4 * threads, n_groups);
     mc = std::min(mc, ceil_div(Mp, m_splits));
   }
   mc = round_up(std::max<int64_t>(mc, 1), kt.mr == 1 ? 6 : kt.mr);
   const int64_t m_blocks = ceil_div(Mp, mc);
-  const int64_t tasks = m_blocks * n_blocks;
+  const int64_t tasks = m_blocks * n_groups;
   const size_t esize = out_elem_size(ep.kind);
+  const int64_t ldc = group * kBlockN;
 
   // small problems run on the calling thread: waking the pool costs more than they do
   const int64_t grain = M * N * K < (int64_t(1) << 22) ? tasks : 1;
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     const int64_t kq_max = std::min(kKc, std::max<int64_t>(Kp, kKAlign)) / 4;
     auto scratch = aligned_buffer<uint8_t>(kq_max * 256);
-    auto cbuf = aligned_buffer<int32_t>(mc * kBlockN);
+    auto cbuf = aligned_buffer<int32_t>(mc * ldc);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t nb = t / m_blocks, mbk = t % m_blocks;
+      const int64_t ng = t / m_blocks, mbk = t % m_blocks;
       const int64_t m0 = mbk * mc, rows_p = std::min(mc, Mp - m0);
       const int64_t rows = std::min(rows_p, M - m0);
-      const int64_t n0 = nb * kBlockN, cols = std::min(kBlockN, N - n0);
+      const int64_t b0 = ng * group, nb = std::min(group, n_blocks - b0);
+      const int64_t n0 = b0 * kBlockN, cols = std::min(nb * kBlockN, N - n0);
       if (rows <= 0) continue;
       int32_t* C = cbuf.get();
-      if (Kp == 0) std::memset(C, 0, size_t(rows_p * kBlockN) * sizeof(int32_t));
-      const uint8_t* block = Bp + nb * (Kp / 4) * kQuadBytes;
+      if (Kp == 0) std::memset(C, 0, size_t(rows_p * ldc) * sizeof(int32_t));
+      const uint8_t* blocks = Bp + b0 * block_bytes;
       for (int64_t k0 = 0; k0 < Kp; k0 += kKc) {
         const int64_t kq = std::min(kKc, Kp - k0) / 4;
-        kt.gemm(act.q.get() + m0 * Kp + k0, Kp, rows_p, block + (k0 / 4) * kQuadBytes, kq, C,
-                kBlockN, k0 > 0, scratch.get());
+        kt.gemm(act.q.get() + m0 * Kp + k0, Kp, rows_p, blocks + (k0 / 4) * kQuadBytes,
+                block_bytes, nb, kq, C, ldc, k0 > 0, scratch.get());
       }
       char* out = static_cast<char*>(ep.out) + (m0 * N + n0) * esize;
-      kt.epilogue(C, kBlockN, rows, cols, act.rowsum.get() + m0,
+      kt.epilogue(C, ldc, rows, cols, act.rowsum.get() + m0,
                   ep.a_scale != nullptr ? ep.a_scale + m0 : nullptr, ep.w_scale + n0,
                   ep.bias != nullptr ? ep.bias + n0 : nullptr, out, N, ep.kind);
     }
