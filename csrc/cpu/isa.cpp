@@ -161,6 +161,9 @@ void prepack_blocks(const uint8_t* W, int64_t ldw, int64_t N, int64_t K, int64_t
     return prepack_blocks_avx512(W, ldw, N, K, n0, nblocks, out);
   }
 #endif
+#if defined(FAIR_HAVE_AVX2)
+  if (active_isa() == Isa::kAvx2) return prepack_blocks_avx2(W, ldw, N, K, n0, nblocks, out);
+#endif
   prepack_blocks_scalar(W, ldw, N, K, n0, nblocks, out);
 }
 
@@ -170,9 +173,21 @@ std::string selftest_pack_panels() {
     state = state * 1664525u + 1013904223u;
     return uint8_t(state >> 24);
   };
-  // 1. the vector prepacker against the scalar one (channel and K edges, a row stride > K/2)
+  // 1. the vector prepackers against the scalar one (channel and K edges, a row stride > K/2)
+  struct Packer {
+    const char* name;
+    Isa isa;
+    void (*fn)(const uint8_t*, int64_t, int64_t, int64_t, int64_t, int64_t, uint8_t*);
+  };
+  std::vector<Packer> packers;
+#if defined(FAIR_HAVE_AVX2)
+  packers.push_back({"avx2", Isa::kAvx2, prepack_blocks_avx2});
+#endif
 #if defined(FAIR_HAVE_AVX512_VNNI) && defined(FAIR_HAVE_AVX2)
-  if (isa_supported(Isa::kAvx512Vnni)) {
+  packers.push_back({"avx512", Isa::kAvx512Vnni, prepack_blocks_avx512});
+#endif
+  for (const Packer& pk : packers) {
+    if (!isa_supported(pk.isa)) continue;
     for (int64_t N : {5, 64, 100, 128, 200}) {
       for (int64_t K : {2, 30, 62, 64, 130, 1024 + 66, 2048}) {
         const int64_t ldw = K / 2 + 3;
@@ -181,15 +196,14 @@ std::string selftest_pack_panels() {
         const int64_t nb = (N + kBlockN - 1) / kBlockN, nq = (K + kKAlign - 1) / kKAlign * kKAlign / 4;
         std::vector<uint8_t> a(size_t(nb * nq * kQuadBytes), 0xAA), b(a.size(), 0x55);
         prepack_blocks_scalar(W.data(), ldw, N, K, 0, nb, a.data());
-        prepack_blocks_avx512(W.data(), ldw, N, K, 0, nb, b.data());
+        pk.fn(W.data(), ldw, N, K, 0, nb, b.data());
         if (a != b) {
-          return "avx512 prepack differs from scalar at N=" + std::to_string(N) +
+          return std::string(pk.name) + " prepack differs from scalar at N=" + std::to_string(N) +
                  " K=" + std::to_string(K);
         }
       }
     }
   }
-#endif
   // 2. every supported gemm against the scalar gemm on random blocks (u in [0, 15], all rows)
   for (int i = 1; i < kNumIsa; ++i) {
     const KernelTable& kt = kernels(Isa(i));

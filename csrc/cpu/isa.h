@@ -112,6 +112,8 @@ void epilogue_scalar(const int32_t* C, int64_t ldc, int64_t rows, int64_t cols,
                      const float* bias, void* out, int64_t ldo, OutKind kind);
 
 #if defined(FAIR_HAVE_AVX2)
+void prepack_blocks_avx2(const uint8_t* W, int64_t ldw, int64_t N, int64_t K, int64_t n0,
+                         int64_t nblocks, uint8_t* out);
 // The AVX2 row quantizer, shared by the AVX-512 and AMX tables (every such CPU has AVX2).
 bool quantize_row_avx2(const float* x, int64_t K, float clip, int8_t* q, float* scale,
                        int32_t* rowsum);

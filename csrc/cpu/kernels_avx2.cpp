@@ -115,6 +115,69 @@ FAIR_AVX2 void gemm_avx2(const int8_t* A, int64_t lda, int64_t mb, const uint8_t
 
 }  // namespace
 
+// 8 x 8 dword transpose: r[j] dword q -> o[q] dword j.
+FAIR_AVX2 static inline void transpose8(const __m256i r[8], __m256i o[8]) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    o[i] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x20);
+    o[i + 4] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x31);
+  }
+}
+
+// 8 public 16-bit quads of one channel (16 bytes) -> 8 dwords, dword q = its 4 nibbles, one in
+// the low half of each byte.
+FAIR_AVX2 static inline __m256i spread8(const uint8_t* p) {
+  const __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+  const __m256i y = _mm256_or_si256(_mm256_and_si256(x, _mm256_set1_epi32(0xFF)),
+                                    _mm256_slli_epi32(_mm256_and_si256(x, _mm256_set1_epi32(0xFF00)), 8));
+  return _mm256_or_si256(_mm256_and_si256(y, _mm256_set1_epi32(0x000F000F)),
+                         _mm256_and_si256(_mm256_slli_epi32(y, 4), _mm256_set1_epi32(0x0F000F00)));
+}
+
+// Same bytes as prepack_blocks_scalar: full blocks in groups of 8 quads (32 k) through two
+// 8 x 8 dword transposes per half; edge blocks and the k tail through the scalar code.
+FAIR_AVX2 void prepack_blocks_avx2(const uint8_t* W, int64_t ldw, int64_t N, int64_t K, int64_t n0,
+                                   int64_t nblocks, uint8_t* out) {
+  const int64_t nq = (K + kKAlign - 1) / kKAlign * kKAlign / 4;
+  const int64_t q_vec = K / 32 * 8;  // quads in full 8-quad groups (32 k) inside K
+  const __m256i x88 = _mm256_set1_epi32(int32_t(0x88888888u));
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t c0 = n0 + kBlockN * b;
+    uint8_t* blk = out + b * nq * kQuadBytes;
+    if (c0 + kBlockN > N) {
+      prepack_quads_scalar(W, ldw, N, K, c0, 0, nq, blk);
+      continue;
+    }
+    for (int64_t g = 0; g < q_vec; g += 8) {
+      for (int h = 0; h < 2; ++h) {
+        for (int jg = 0; jg < 16; jg += 8) {
+          __m256i r[8], o[8];
+          for (int j = 0; j < 8; ++j) {
+            const __m256i lo = spread8(W + (c0 + 32 * h + jg + j) * ldw + 2 * g);
+            const __m256i hi = spread8(W + (c0 + 32 * h + 16 + jg + j) * ldw + 2 * g);
+            r[j] = _mm256_xor_si256(_mm256_or_si256(lo, _mm256_slli_epi32(hi, 4)), x88);
+          }
+          transpose8(r, o);
+          for (int q = 0; q < 8; ++q) {
+            _mm256_storeu_si256((__m256i*)(blk + (g + q) * kQuadBytes + 64 * h + 4 * jg), o[q]);
+          }
+        }
+      }
+    }
+    if (q_vec < nq) prepack_quads_scalar(W, ldw, N, K, c0, q_vec, nq, blk);
+  }
+}
+
 // clamp(round_half_even(x / s), -8, 7) for 8 floats, as int32.
 FAIR_AVX2 static inline __m256i code8(const float* p, __m256 vs, __m256 lo, __m256 hi) {
   const __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(p), vs),
