@@ -64,13 +64,18 @@ def _sync(device: str) -> Callable[[], None]:
     return lambda: None
 
 
+# wall clock, or this process's CPU time (--timer cpu, one CPU thread only): on a shared machine the
+# CPU time of a single-threaded run does not count the time it spent descheduled
+CLOCK: Callable[[], float] = time.perf_counter
+
+
 def time_once(fn: Callable[[], object], sync: Callable[[], None], inner: int = 1) -> float:
     sync()
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     for _ in range(inner):
         fn()
     sync()
-    return (time.perf_counter() - t0) / inner
+    return (CLOCK() - t0) / inner
 
 
 # ---- providers -------------------------------------------------------------------------------------
@@ -169,11 +174,17 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, default=8.0, help="stop adding rounds after this many seconds per provider")
     p.add_argument("--max-call-s", type=float, default=60.0, help="longer calls are measured at M=64")
     p.add_argument("--providers", default=None, help="comma separated subset of providers")
+    p.add_argument("--timer", choices=["wall", "cpu"], default="wall",
+                   help="cpu: process CPU time (CPU only, needs --threads 1; robust to a loaded machine)")
     args = p.parse_args()
     if args.device == "cuda":
         run_cuda(args)  # its own table: fp16/bf16 F.linear, _int_mm, M up to 8192, quantize GB/s
         return
 
+    if args.timer == "cpu" and args.threads != 1:
+        p.error("--timer cpu measures process CPU time and needs --threads 1")
+    global CLOCK
+    CLOCK = time.process_time if args.timer == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
     ops.set_cpu_isa(args.isa)
@@ -187,7 +198,7 @@ def main() -> None:
 
     info = fair_calib_ext.build_info()
     print(f"device: {cpu_name()}, {torch.get_num_threads()} threads, fair CPU path {ops.get_cpu_isa()}; "
-          f"torch {torch.__version__}; w4a4 in/out dtype {x_dtype}")
+          f"torch {torch.__version__}; w4a4 in/out dtype {x_dtype}; timer {args.timer}")
     print(f"cpu flags: {' '.join(cpu_flags()) or 'n/a'}")
 
     header = ["M", "K", "N"] + [f"{n} ms (GOP/s)" for n in names]
