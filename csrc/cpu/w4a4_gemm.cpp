@@ -6,10 +6,10 @@
 //    (fair::prepack_int4); the ops on the public pack_int4 layout prepack into a temporary first.
 // 2. A: activations become an int8 buffer [Mp][Kp] (unpacked from `a`, or quantized from `x`
 //    for the linear ops) plus per-row sums.
-// 3. The output is cut into tasks of mc rows x 64 channels (one prepacked block), spread over
-//    at::parallel_for, channel blocks outermost so that each thread streams its own weights.
-//    A task walks K in kKc blocks and runs the ISA gemm over its rows for each (the block's
-//    nibbles stay cache-resident while the activation rows stream), into an int32 tile.
+// 3. The output is cut into tasks of mc rows x a group of up to 4 blocks (256 channels), which
+//    the threads take one by one from a shared counter. A task walks K in kKc blocks and runs
+//    the ISA gemm over its rows for each: the VNNI kernel sweeps the group's blocks with one
+//    6-row activation tile at a time (L1), the blocks' nibbles coming from L2.
 // 4. The ISA epilogue turns the tile into the output: exact correction (-8 * rowsum, from the
 //    w + 8 encoding), fp32 (acc * a_scale[m]) * w_scale[n] (+ bias[n]), cast to the out dtype.
 #include <ATen/Parallel.h>
@@ -122,13 +122,16 @@ void run_gemm(const KernelTable& kt, const ActBuffer& act, const uint8_t* Bp, in
   const size_t esize = out_elem_size(ep.kind);
   const int64_t ldc = group * kBlockN;
 
-  // small problems run on the calling thread: waking the pool costs more than they do
-  const int64_t grain = M * N * K < (int64_t(1) << 22) ? tasks : 1;
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+  // Small problems run on the calling thread: waking the pool costs more than they do. Otherwise
+  // each worker takes the next task from a shared counter (dynamic schedule): on a loaded
+  // machine a descheduled thread then delays only its current task, not a fixed share.
+  const int64_t workers = M * N * K < (int64_t(1) << 22) ? 1 : std::min(threads, tasks);
+  std::atomic<int64_t> next_task{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     const int64_t kq_max = std::min(kKc, std::max<int64_t>(Kp, kKAlign)) / 4;
     auto scratch = aligned_buffer<uint8_t>(kq_max * 256);
     auto cbuf = aligned_buffer<int32_t>(mc * ldc);
-    for (int64_t t = begin; t < end; ++t) {
+    for (int64_t t = next_task++; t < tasks; t = next_task++) {
       const int64_t ng = t / m_blocks, mbk = t % m_blocks;
       const int64_t m0 = mbk * mc, rows_p = std::min(mc, Mp - m0);
       const int64_t rows = std::min(rows_p, M - m0);
