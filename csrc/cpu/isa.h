@@ -47,6 +47,7 @@ struct KernelTable {
   const char* name;
   bool compiled;  // false: this build's compiler could not target the ISA
   int mr;         // A rows are padded to a multiple of mr (1: the kernel takes any row count)
+  int tile_m;     // preferred row multiple of a task (the micro tile's rows)
   // C[0:mb, 0:64 nblocks] (=|+=) A[0:mb, 0:4kq] . u^T for `nblocks` prepacked blocks, block b
   // at B + b * ldb (kq quads of 128 bytes each, see above); mb % mr == 0, kq % 16 == 0; A row
   // stride lda bytes, C row stride ldc int32. `scratch` is a thread-local buffer of at least
@@ -127,6 +128,10 @@ void epilogue_avx512(const int32_t* C, int64_t ldc, int64_t rows, int64_t cols,
 void prepack_blocks_avx512(const uint8_t* W, int64_t ldw, int64_t N, int64_t K, int64_t n0,
                            int64_t nblocks, uint8_t* out);
 void unpack_block_avx512(const uint8_t* B, int64_t kq, uint8_t* out);
+// The VNNI gemm (any row count), which the AMX path uses for the rows below a 32-row tile.
+void gemm_avx512_vnni(const int8_t* A, int64_t lda, int64_t mb, const uint8_t* B, int64_t ldb,
+                      int64_t nblocks, int64_t kq, int32_t* C, int64_t ldc, bool accumulate,
+                      uint8_t* scratch);
 #endif
 
 }  // namespace fair::cpu

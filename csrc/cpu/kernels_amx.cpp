@@ -4,9 +4,9 @@
 // u8 [kq][64][4] holding u = w + 8 (the epilogue subtracts 8 * rowsum(A) as on the VNNI path):
 // 16 consecutive quads of 16 channels are one B tile (16 rows of 64 bytes, row stride 256). A
 // rows are the A tile rows (64 k each, row stride lda). Micro tile: 32 rows x 32 channels = 2 A
-// tiles x 2 B tiles -> 4 C tiles, twice per 64-channel block. Not measured: the project's
-// machines so far had no AMX; the path is compiled, selected by cpuid and covered by the same
-// tests, which skip it on CPUs without AMX.
+// tiles x 2 B tiles -> 4 C tiles, twice per 64-channel block; rows below a 32-row tile go to the
+// VNNI kernel. Not measured and never run: the project's machines so far had no AMX; the path is
+// compiled, selected by cpuid and covered by the same tests, which skip it on CPUs without AMX.
 // Tile registers: 0-3 C, 4-5 A, 6-7 B. Linux needs the XTILEDATA permission, requested in isa.cpp
 // before this path can be selected.
 #include "cpu/isa.h"
@@ -76,17 +76,26 @@ FAIR_AMX void gemm_amx_block(const int8_t* A, int64_t lda, int64_t mb, const uin
   _tile_release();
 }
 
+// Full 32-row tiles on AMX; the remaining rows (all of them when M < 32, e.g. decoding) on the
+// VNNI kernel, which reads the prepacked nibbles directly.
 FAIR_AMX void gemm_amx(const int8_t* A, int64_t lda, int64_t mb, const uint8_t* B, int64_t ldb,
                        int64_t nblocks, int64_t kq, int32_t* C, int64_t ldc, bool accumulate,
                        uint8_t* scratch) {
-  for (int64_t b = 0; b < nblocks; ++b) {
-    gemm_amx_block(A, lda, mb, B + b * ldb, kq, C + kBlockN * b, ldc, accumulate, scratch);
+  const int64_t m32 = mb / 32 * 32;
+  if (m32 > 0) {
+    for (int64_t b = 0; b < nblocks; ++b) {
+      gemm_amx_block(A, lda, m32, B + b * ldb, kq, C + kBlockN * b, ldc, accumulate, scratch);
+    }
+  }
+  if (m32 < mb) {
+    gemm_avx512_vnni(A + m32 * lda, lda, mb - m32, B, ldb, nblocks, kq, C + m32 * ldc, ldc,
+                     accumulate, scratch);
   }
 }
 
 }  // namespace
 
-const KernelTable kAmxKernels = {"amx", true, /*mr=*/32, gemm_amx, quantize_row_avx2,
+const KernelTable kAmxKernels = {"amx", true, /*mr=*/1, /*tile_m=*/32, gemm_amx, quantize_row_avx2,
                                  epilogue_avx512};
 
 }  // namespace fair::cpu
@@ -94,7 +103,7 @@ const KernelTable kAmxKernels = {"amx", true, /*mr=*/32, gemm_amx, quantize_row_
 #else
 
 namespace fair::cpu {
-const KernelTable kAmxKernels = {"amx", false, 1, nullptr, nullptr, nullptr};
+const KernelTable kAmxKernels = {"amx", false, 1, 1, nullptr, nullptr, nullptr};
 }
 
 #endif

@@ -239,7 +239,7 @@ FAIR_AVX2 bool quantize_row_avx2(const float* x, int64_t K, float clip, int8_t* 
   return true;
 }
 
-const KernelTable kAvx2Kernels = {"avx2", true, kMr, gemm_avx2, quantize_row_avx2,
+const KernelTable kAvx2Kernels = {"avx2", true, kMr, kMr, gemm_avx2, quantize_row_avx2,
                                   epilogue_scalar};
 
 }  // namespace fair::cpu
@@ -247,7 +247,7 @@ const KernelTable kAvx2Kernels = {"avx2", true, kMr, gemm_avx2, quantize_row_avx
 #else  // !FAIR_HAVE_AVX2
 
 namespace fair::cpu {
-const KernelTable kAvx2Kernels = {"avx2", false, 1, nullptr, nullptr, nullptr};
+const KernelTable kAvx2Kernels = {"avx2", false, 1, 1, nullptr, nullptr, nullptr};
 }
 
 #endif

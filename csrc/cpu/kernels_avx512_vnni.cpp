@@ -89,32 +89,6 @@ FAIR_VNNI void micro(const int8_t* A, int64_t lda, const uint8_t* B, int64_t kq,
   FAIR_ROWS(FAIR_STORE_ROW)
 }
 
-// Row tiles outermost: one tile's activations (R x 4kq bytes) stay in L1 while it sweeps the
-// blocks, whose nibbles come from L2.
-FAIR_VNNI void gemm_avx512_vnni(const int8_t* A, int64_t lda, int64_t mb, const uint8_t* B,
-                                int64_t ldb, int64_t nblocks, int64_t kq, int32_t* C, int64_t ldc,
-                                bool accumulate, uint8_t* /*scratch*/) {
-  int64_t i = 0;
-  for (; i + kMr <= mb; i += kMr) {
-    for (int64_t b = 0; b < nblocks; ++b) {
-      micro<kMr>(A + i * lda, lda, B + b * ldb, kq, C + i * ldc + kBlockN * b, ldc, accumulate);
-    }
-  }
-  if (i == mb) return;
-  for (int64_t b = 0; b < nblocks; ++b) {
-    const int8_t* a = A + i * lda;
-    const uint8_t* bb = B + b * ldb;
-    int32_t* c = C + i * ldc + kBlockN * b;
-    switch (mb - i) {
-      case 5: micro<5>(a, lda, bb, kq, c, ldc, accumulate); break;
-      case 4: micro<4>(a, lda, bb, kq, c, ldc, accumulate); break;
-      case 3: micro<3>(a, lda, bb, kq, c, ldc, accumulate); break;
-      case 2: micro<2>(a, lda, bb, kq, c, ldc, accumulate); break;
-      default: micro<1>(a, lda, bb, kq, c, ldc, accumulate); break;
-    }
-  }
-}
-
 // 16 x 16 dword transpose: r[j] dword q -> r[q] dword j.
 FAIR_VNNI inline void transpose16(__m512i r[16]) {
   __m512i t[16], u[16];
@@ -153,6 +127,32 @@ FAIR_VNNI inline __m512i spread16(const uint8_t* p) {
 }
 
 }  // namespace
+
+// Row tiles outermost: one tile's activations (R x 4kq bytes) stay in L1 while it sweeps the
+// blocks, whose nibbles come from L2.
+FAIR_VNNI void gemm_avx512_vnni(const int8_t* A, int64_t lda, int64_t mb, const uint8_t* B,
+                                int64_t ldb, int64_t nblocks, int64_t kq, int32_t* C, int64_t ldc,
+                                bool accumulate, uint8_t* /*scratch*/) {
+  int64_t i = 0;
+  for (; i + kMr <= mb; i += kMr) {
+    for (int64_t b = 0; b < nblocks; ++b) {
+      micro<kMr>(A + i * lda, lda, B + b * ldb, kq, C + i * ldc + kBlockN * b, ldc, accumulate);
+    }
+  }
+  if (i == mb) return;
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int8_t* a = A + i * lda;
+    const uint8_t* bb = B + b * ldb;
+    int32_t* c = C + i * ldc + kBlockN * b;
+    switch (mb - i) {
+      case 5: micro<5>(a, lda, bb, kq, c, ldc, accumulate); break;
+      case 4: micro<4>(a, lda, bb, kq, c, ldc, accumulate); break;
+      case 3: micro<3>(a, lda, bb, kq, c, ldc, accumulate); break;
+      case 2: micro<2>(a, lda, bb, kq, c, ldc, accumulate); break;
+      default: micro<1>(a, lda, bb, kq, c, ldc, accumulate); break;
+    }
+  }
+}
 
 FAIR_VNNI void prepack_blocks_avx512(const uint8_t* W, int64_t ldw, int64_t N, int64_t K,
                                      int64_t n0, int64_t nblocks, uint8_t* out) {
@@ -236,7 +236,7 @@ FAIR_VNNI void epilogue_avx512(const int32_t* C, int64_t ldc, int64_t rows, int6
   }
 }
 
-const KernelTable kAvx512VnniKernels = {"avx512_vnni", true, /*mr=*/1, gemm_avx512_vnni,
+const KernelTable kAvx512VnniKernels = {"avx512_vnni", true, /*mr=*/1, /*tile_m=*/kMr, gemm_avx512_vnni,
                                         quantize_row_avx2, epilogue_avx512};
 
 }  // namespace fair::cpu
@@ -244,7 +244,7 @@ const KernelTable kAvx512VnniKernels = {"avx512_vnni", true, /*mr=*/1, gemm_avx5
 #else
 
 namespace fair::cpu {
-const KernelTable kAvx512VnniKernels = {"avx512_vnni", false, 1, nullptr, nullptr, nullptr};
+const KernelTable kAvx512VnniKernels = {"avx512_vnni", false, 1, 1, nullptr, nullptr, nullptr};
 }
 
 #endif

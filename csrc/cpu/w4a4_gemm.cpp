@@ -116,7 +116,7 @@ void run_gemm(const KernelTable& kt, const ActBuffer& act, const uint8_t* Bp, in
     const int64_t m_splits = ceil_div(4 * threads, n_groups);
     mc = std::min(mc, ceil_div(Mp, m_splits));
   }
-  mc = round_up(std::max<int64_t>(mc, 1), kt.mr == 1 ? 6 : kt.mr);
+  mc = round_up(std::max<int64_t>(mc, 1), std::max(kt.mr, kt.tile_m));
   const int64_t m_blocks = ceil_div(Mp, mc);
   const int64_t tasks = m_blocks * n_groups;
   const size_t esize = out_elem_size(ep.kind);
