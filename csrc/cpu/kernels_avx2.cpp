@@ -6,7 +6,7 @@
 // quads in int16, then widen with vpmaddwd(·, 1) into the int32 C tile. No saturation can occur.
 //
 // The prepacked int4 block (isa.h) is unpacked once per call into the thread-local scratch
-// buffer (u8 [kq][64][4]); micro tile: kMr rows x 16 channels (two ymm of 8 lanes x 4 k); per quad
+// buffer (four contiguous 16-channel panels); micro tile: kMr rows x 16 channels (two ymm of 8 lanes x 4 k); per quad
 // two weight loads, kMr 4-byte broadcasts of A and 2*kMr vpmaddubsw + vpaddw.
 #include "cpu/isa.h"
 
@@ -84,16 +84,18 @@ FAIR_AVX2 void micro_kx16(const int8_t* A, int64_t lda, const uint8_t* B, int64_
   }
 }
 
-// Prepacked block (kq quads of 128 nibble bytes) -> u8 [kq][64][4] (u = w + 8).
+// Prepacked block (kq quads of 128 nibble bytes) -> four 16-channel panels, u8 [4][kq][16][4]
+// (u = w + 8): each panel contiguous, so the micro-kernel streams it sequentially.
 FAIR_AVX2 void unpack_block_avx2(const uint8_t* B, int64_t kq, uint8_t* out) {
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   for (int64_t q = 0; q < kq; ++q) {
     for (int h = 0; h < 2; ++h) {
       for (int s = 0; s < 2; ++s) {
         const __m256i x = _mm256_loadu_si256((const __m256i*)(B + q * kQuadBytes + 64 * h + 32 * s));
-        uint8_t* o = out + q * 256 + 128 * h + 32 * s;
+        uint8_t* o = out + (2 * h) * kq * 64 + q * 64 + 32 * s;  // panel 2h: low nibbles
         _mm256_storeu_si256((__m256i*)o, _mm256_and_si256(x, m4));
-        _mm256_storeu_si256((__m256i*)(o + 64), _mm256_and_si256(_mm256_srli_epi16(x, 4), m4));
+        _mm256_storeu_si256((__m256i*)(o + kq * 64),  // panel 2h + 1: high nibbles
+                            _mm256_and_si256(_mm256_srli_epi16(x, 4), m4));
       }
     }
   }
@@ -106,8 +108,8 @@ FAIR_AVX2 void gemm_avx2(const int8_t* A, int64_t lda, int64_t mb, const uint8_t
     unpack_block_avx2(B + b * ldb, kq, scratch);
     for (int64_t i = 0; i < mb; i += kMr) {
       for (int64_t p = 0; p < kBlockN / 16; ++p) {
-        micro_kx16(A + i * lda, lda, scratch + 64 * p, 256, kq, C + i * ldc + kBlockN * b + 16 * p,
-                   ldc, accumulate);
+        micro_kx16(A + i * lda, lda, scratch + p * kq * 64, 64, kq,
+                   C + i * ldc + kBlockN * b + 16 * p, ldc, accumulate);
       }
     }
   }
