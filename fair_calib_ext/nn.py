@@ -46,6 +46,12 @@ def _prepack_after_load(module: W4A4Linear, incompatible_keys: object) -> None:
     module.prepack()
 
 
+def _version(t: torch.Tensor) -> int:
+    """The tensor's in-place version counter; -1 for inference tensors, which have none (an
+    in-place edit of an inference-mode weight is then not noticed: call ``prepack()``)."""
+    return -1 if t.is_inference() else t._version
+
+
 class W4A4Linear(nn.Module):
     """Linear layer with int4 weights (per output channel) and int4 activations (per token).
 
@@ -96,12 +102,12 @@ class W4A4Linear(nn.Module):
             self._prepacked = self._prepacked_src = None
             return
         self._prepacked = ops.prepack_int4(w)
-        self._prepacked_src = (w, w._version)
+        self._prepacked_src = (w, _version(w))
 
     def _current_prepacked(self) -> torch.Tensor:
         w = self.weight_packed
         src = self._prepacked_src
-        if src is None or src[0] is not w or src[1] != w._version:
+        if src is None or src[0] is not w or src[1] != _version(w):
             self.prepack()
         assert self._prepacked is not None
         return self._prepacked

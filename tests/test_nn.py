@@ -153,3 +153,12 @@ def test_quant_linear_uses_prepacked_kernel_layout():
     assert torch.equal(m.linear._prepacked, ops.prepack_int4(ops.pack_int4(codes)))
     x = torch.randn(3, 96, generator=gen)
     assert torch.equal(m(x), ops.w4a4_linear(x, m.linear.weight_packed, m.linear.weight_scale, None, 1.0))
+
+
+def test_prepacked_under_inference_mode(linear):
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        q = W4A4Linear.from_linear(linear)  # inference tensors: no version counter
+        y = q(x)
+    assert torch.equal(y, ops.w4a4_linear(x, q.weight_packed, q.weight_scale, q.bias, 1.0))
+    assert torch.equal(q(x), y)
