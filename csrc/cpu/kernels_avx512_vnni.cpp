@@ -6,12 +6,14 @@
 // (4 k) it loads 128 bytes of nibbles (two zmm), unpacks them in registers into four zmm of
 // weights (and, shift+and), broadcasts R 4-byte activation groups and issues 4R vpdpbusd: for
 // R = 6, 24 vpdpbusd per 8 loads, the weights read once from memory as int4 and never written
-// back unpacked. The driver walks the rows of a task in R-row tiles over one K block, so the
-// nibble block stays in L1/L2 while the activations stream.
+// back unpacked (about 92% of the vpdpbusd peak on a Zen-class core, see BENCHMARKS.md). The
+// gemm walks the rows in R-row tiles, each sweeping the task's blocks over one K block: the
+// tile's activations stay in L1, the nibbles come from L1/L2. Small M (1-5 rows) is the same
+// loop with fewer accumulators, streaming the int4 weights once.
 //
-// Also here: the AVX-512 epilogue (exact offset correction, fp32 scaling, RNE casts), the
-// prepacker (public layout -> blocks via a 16 x 16 dword transpose) and the block unpacker the
-// AMX path uses; both are shared with the AMX table.
+// Also here, shared with the AMX table: the AVX-512 epilogue (exact offset correction, fp32
+// scaling, RNE casts), the prepacker (public layout -> blocks via a 16 x 16 dword transpose),
+// the block unpacker and this gemm (AMX's rows below a 32-row tile).
 #include "cpu/isa.h"
 
 #if defined(FAIR_HAVE_AVX512_VNNI) && defined(FAIR_HAVE_AVX2)
