@@ -103,9 +103,10 @@ def test_prepacked_linear_bitwise_equals_public_and_reference(isa, one_thread, M
         assert torch.equal(out, epilogue(exact_acc(qa, wq), sa, ws, bias, dtype))
 
 
-@pytest.mark.parametrize("M,N,K", [(3, 200, 4096 + 64), (67, 197, 1090), (300, 70, 258)])
+@pytest.mark.parametrize("M,N,K", [(3, 400, 4096 + 64), (67, 197, 1090), (300, 70, 258)])
 def test_int32_exact_multithreaded(isa, M, N, K):
-    """>= 2^22 MACs (or many tasks): runs on the thread pool with 2 threads."""
+    """>= 2^22 MACs: the GEMM runs on the thread pool (2 threads, dynamic task schedule)."""
+    assert M * N * K >= 2**22
     prev = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -130,6 +131,45 @@ def test_int32_exact_extremes_small_m(isa, one_thread, va, vw, M):
     qw = torch.full((N, K), vw, dtype=torch.int8)
     acc = ops.w4a4_gemm(ops.pack_int4(qa), torch.ones(M), ops.pack_int4(qw), torch.ones(N), None, torch.int32)
     assert torch.equal(acc, torch.full((M, N), va * vw * K, dtype=torch.int32))
+
+
+SUBPROCESS_CHECK = """
+import torch, fair_calib_ext
+from fair_calib_ext import ops
+from fair_calib_ext.nn import W4A4Linear
+torch.set_num_threads(2)
+gen = torch.Generator().manual_seed(0)
+lin = torch.nn.Linear(1090, 390)
+q = W4A4Linear.from_linear(lin)
+for m in (1, 16, 67):
+    x = torch.randn(m, 1090, generator=gen)
+    qa, sa = ref_quantize(x)
+    qw = ops.unpack_int4(q.weight_packed)
+    acc = (qa.double() @ qw.double().T).to(torch.int32)
+    expect = ((acc.float() * sa[:, None]) * q.weight_scale[None, :] + q.bias[None, :])
+    assert torch.equal(q(x), expect), m
+print("ISA=" + ops.get_cpu_isa())
+"""
+
+
+@pytest.mark.parametrize("name", [p.values[0] for p in _isa_params()])
+def test_env_forced_isa_prepacked_exact_in_new_process(name, tmp_path):
+    """FAIR_CPU_ISA=<path> in a fresh process: W4A4Linear (prepacked, 2 threads) is exact."""
+    import inspect
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not ops.cpu_isa_supported(name):
+        pytest.skip(f"this CPU/build lacks {name}")
+    pkg_parent = str(Path(fair_calib_ext.__file__).resolve().parents[1])
+    code = "import torch\n" + inspect.getsource(ref_quantize) + SUBPROCESS_CHECK
+    env = dict(os.environ, FAIR_CPU_ISA=name, PYTHONPATH=pkg_parent)
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert f"ISA={name}" in res.stdout
 
 
 def _pp(n: int, k: int) -> torch.Tensor:
