@@ -36,7 +36,8 @@ from fair_calib_ext.nn import W4A4Linear
 
 SHAPES = [(4096, 4096), (4096, 12288), (12288, 4096)]  # (K, N), LLaDA-8B projections
 MS = [1, 16, 256, 2048]
-CPU_FLAGS = ("avx2", "fma", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+CPU_FLAGS = ("avx2", "fma", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+             "amx_tile", "amx_int8", "amx_bf16")
 NAMES = ["F.linear fp32", "F.linear bf16", "torch._int_mm", "w4a4_gemm", "w4a4_linear", "W4A4Linear"]
 RATIOS = [  # (column, numerator baseline, our provider)
     ("W4A4Linear vs fp32", "F.linear fp32", "W4A4Linear"),
@@ -171,7 +172,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--x-dtype", choices=["bf16", "fp32", "fp16"], default="bf16", help="w4a4 input/output dtype")
     p.add_argument("--runs", type=int, default=7, help="interleaved timed rounds per row (after one warm-up)")
-    p.add_argument("--budget-s", type=float, default=8.0, help="stop adding rounds after this many seconds per provider")
+    p.add_argument("--budget-s", type=float, default=8.0,
+                   help="stop adding rounds after this many seconds per provider")
     p.add_argument("--max-call-s", type=float, default=60.0, help="longer calls are measured at M=64")
     p.add_argument("--providers", default=None, help="comma separated subset of providers")
     p.add_argument("--timer", choices=["wall", "cpu"], default="wall",
@@ -223,8 +225,8 @@ def main() -> None:
             noisy = [f"{nm} spread {t.spread:.0%}" for nm, t in res.items() if t.spread > 0.25 and t.runs > 1]
             best = [f"{col} {res[base].best / res[ours].best:.2f}x"
                     for col, base, ours in ratio_cols]
-            print("  note: best-of ratios: " + ", ".join(best) + ("; " + "; ".join(notes + noisy) if notes or noisy else ""),
-                  flush=True)
+            extra = "; " + "; ".join(notes + noisy) if notes or noisy else ""
+            print("  note: best-of ratios: " + ", ".join(best) + extra, flush=True)
     print(f"build: {info}")
 
 

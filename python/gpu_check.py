@@ -341,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
             run_step(s, deadline, env)
             if s.status == "passed":  # sampling from the calibrated checkpoint
                 calib = Step("tiny", 0, "")
-                calib.cmd = [sys.executable, "-m", "fair_calib_ext.sample", "--quantized", str(work / "tiny-llada-fair")] + TINY_SAMPLE_ARGS
+                calib.cmd = [sys.executable, "-m", "fair_calib_ext.sample",
+                             "--quantized", str(work / "tiny-llada-fair"), *TINY_SAMPLE_ARGS]
                 calib.cwd, calib.budget_s = work, 35
                 run_step(calib, deadline, env)
                 s.output += "\n--- sample ---\n" + calib.output

@@ -179,7 +179,9 @@ def _pp(n: int, k: int) -> torch.Tensor:
 @pytest.mark.parametrize(
     "fn,match",
     [
-        pytest.param(lambda: ops.prepack_int4(torch.zeros(4, 4, dtype=torch.int8)), "w must be uint8", id="prepack dtype"),
+        pytest.param(
+            lambda: ops.prepack_int4(torch.zeros(4, 4, dtype=torch.int8)), "w must be uint8", id="prepack dtype"
+        ),
         pytest.param(lambda: ops.prepack_int4(torch.zeros(4, dtype=torch.uint8)), "w must be 2-D", id="prepack dim"),
         pytest.param(
             lambda: ops.w4a4_linear_prepacked(torch.zeros(2, 8), torch.zeros(4, 4, dtype=torch.uint8), torch.ones(4)),

@@ -193,7 +193,8 @@ std::string selftest_pack_panels() {
         const int64_t ldw = K / 2 + 3;
         std::vector<uint8_t> W(size_t(N * ldw));
         for (auto& b : W) b = next();
-        const int64_t nb = (N + kBlockN - 1) / kBlockN, nq = (K + kKAlign - 1) / kKAlign * kKAlign / 4;
+        const int64_t nb = (N + kBlockN - 1) / kBlockN;
+        const int64_t nq = (K + kKAlign - 1) / kKAlign * kKAlign / 4;
         std::vector<uint8_t> a(size_t(nb * nq * kQuadBytes), 0xAA), b(a.size(), 0x55);
         prepack_blocks_scalar(W.data(), ldw, N, K, 0, nb, a.data());
         pk.fn(W.data(), ldw, N, K, 0, nb, b.data());

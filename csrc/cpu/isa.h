@@ -20,8 +20,8 @@
 //       Its unpacked form (u8 [kq][64][4], 256 bytes per quad: channel j of the block at byte
 //       4 j + t) is what the AVX2 and AMX kernels read from a thread-local buffer.
 //   C   int32 [mb][ldc]; gemm writes (or adds to) C[i][64 b + j] = sum_k A[i][k] * u_b[k][j]
-//       for the 64 channels j of each of `nblocks` blocks b over its k range. That sum includes + 8 * rowsum(A[i]); the
-//       epilogue subtracts it.
+//       for the 64 channels j of each of `nblocks` blocks b over its k range. That sum
+//       includes + 8 * rowsum(A[i]); the epilogue subtracts it.
 //
 // Exactness: |A| <= 8 and u <= 15, so every partial sum stays far inside int32 (and inside int16
 // for the AVX2 path's 128-quad int16 accumulation, see kernels_avx2.cpp).

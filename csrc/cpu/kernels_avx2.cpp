@@ -6,8 +6,9 @@
 // quads in int16, then widen with vpmaddwd(·, 1) into the int32 C tile. No saturation can occur.
 //
 // The prepacked int4 block (isa.h) is unpacked once per call into the thread-local scratch
-// buffer (four contiguous 16-channel panels); micro tile: kMr rows x 16 channels (two ymm of 8 lanes x 4 k); per quad
-// two weight loads, kMr 4-byte broadcasts of A and 2*kMr vpmaddubsw + vpaddw.
+// buffer (four contiguous 16-channel panels); micro tile: kMr rows x 16 channels (two ymm of
+// 8 lanes x 4 k); per quad two weight loads, kMr 4-byte broadcasts of A and 2*kMr vpmaddubsw
+// + vpaddw.
 #include "cpu/isa.h"
 
 #if defined(FAIR_HAVE_AVX2)
@@ -91,7 +92,8 @@ FAIR_AVX2 void unpack_block_avx2(const uint8_t* B, int64_t kq, uint8_t* out) {
   for (int64_t q = 0; q < kq; ++q) {
     for (int h = 0; h < 2; ++h) {
       for (int s = 0; s < 2; ++s) {
-        const __m256i x = _mm256_loadu_si256((const __m256i*)(B + q * kQuadBytes + 64 * h + 32 * s));
+        const uint8_t* src = B + q * kQuadBytes + 64 * h + 32 * s;
+        const __m256i x = _mm256_loadu_si256((const __m256i*)src);
         uint8_t* o = out + (2 * h) * kq * 64 + q * 64 + 32 * s;  // panel 2h: low nibbles
         _mm256_storeu_si256((__m256i*)o, _mm256_and_si256(x, m4));
         _mm256_storeu_si256((__m256i*)(o + kq * 64),  // panel 2h + 1: high nibbles
@@ -140,8 +142,9 @@ FAIR_AVX2 static inline void transpose8(const __m256i r[8], __m256i o[8]) {
 // the low half of each byte.
 FAIR_AVX2 static inline __m256i spread8(const uint8_t* p) {
   const __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+  const __m256i hi_byte = _mm256_and_si256(x, _mm256_set1_epi32(0xFF00));
   const __m256i y = _mm256_or_si256(_mm256_and_si256(x, _mm256_set1_epi32(0xFF)),
-                                    _mm256_slli_epi32(_mm256_and_si256(x, _mm256_set1_epi32(0xFF00)), 8));
+                                    _mm256_slli_epi32(hi_byte, 8));
   return _mm256_or_si256(_mm256_and_si256(y, _mm256_set1_epi32(0x000F000F)),
                          _mm256_and_si256(_mm256_slli_epi32(y, 4), _mm256_set1_epi32(0x0F000F00)));
 }

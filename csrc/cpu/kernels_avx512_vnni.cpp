@@ -84,8 +84,10 @@ FAIR_VNNI void micro(const int8_t* A, int64_t lda, const uint8_t* B, int64_t kq,
     _mm_prefetch((const char*)(b + 8 * kQuadBytes + 64), _MM_HINT_T0);
     const __m512i x0 = _mm512_loadu_si512((const void*)b);
     const __m512i x1 = _mm512_loadu_si512((const void*)(b + 64));
-    const __m512i w0 = _mm512_and_si512(x0, m4), w1 = _mm512_and_si512(_mm512_srli_epi16(x0, 4), m4);
-    const __m512i w2 = _mm512_and_si512(x1, m4), w3 = _mm512_and_si512(_mm512_srli_epi16(x1, 4), m4);
+    const __m512i w0 = _mm512_and_si512(x0, m4);
+    const __m512i w1 = _mm512_and_si512(_mm512_srli_epi16(x0, 4), m4);
+    const __m512i w2 = _mm512_and_si512(x1, m4);
+    const __m512i w3 = _mm512_and_si512(_mm512_srli_epi16(x1, 4), m4);
     FAIR_ROWS(FAIR_FMA_ROW)
   }
   FAIR_ROWS(FAIR_STORE_ROW)
@@ -122,8 +124,9 @@ FAIR_VNNI inline void transpose16(__m512i r[16]) {
 // the low half of each byte.
 FAIR_VNNI inline __m512i spread16(const uint8_t* p) {
   const __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+  const __m512i hi_byte = _mm512_and_si512(x, _mm512_set1_epi32(0xFF00));
   const __m512i y = _mm512_or_si512(_mm512_and_si512(x, _mm512_set1_epi32(0xFF)),
-                                    _mm512_slli_epi32(_mm512_and_si512(x, _mm512_set1_epi32(0xFF00)), 8));
+                                    _mm512_slli_epi32(hi_byte, 8));
   return _mm512_or_si512(_mm512_and_si512(y, _mm512_set1_epi32(0x000F000F)),
                          _mm512_and_si512(_mm512_slli_epi32(y, 4), _mm512_set1_epi32(0x0F000F00)));
 }
@@ -238,7 +241,8 @@ FAIR_VNNI void epilogue_avx512(const int32_t* C, int64_t ldc, int64_t rows, int6
   }
 }
 
-const KernelTable kAvx512VnniKernels = {"avx512_vnni", true, /*mr=*/1, /*tile_m=*/kMr, gemm_avx512_vnni,
+const KernelTable kAvx512VnniKernels = {"avx512_vnni",    true, /*mr=*/1, /*tile_m=*/kMr,
+                                        gemm_avx512_vnni,
                                         quantize_row_avx2, epilogue_avx512};
 
 }  // namespace fair::cpu

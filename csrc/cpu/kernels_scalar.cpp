@@ -93,7 +93,8 @@ void prepack_blocks_scalar(const uint8_t* W, int64_t ldw, int64_t N, int64_t K, 
   }
 }
 
-const KernelTable kScalarKernels = {"scalar", true, /*mr=*/1, /*tile_m=*/1, gemm_scalar, quantize_row_scalar,
+const KernelTable kScalarKernels = {"scalar",    true, /*mr=*/1, /*tile_m=*/1, gemm_scalar,
+                                    quantize_row_scalar,
                                     epilogue_scalar};
 
 }  // namespace fair::cpu

@@ -44,7 +44,9 @@ void epilogue_scalar(const int32_t* C, int64_t ldc, int64_t rows, int64_t cols,
       if (bias != nullptr) v = v + bias[j];
       switch (kind) {
         case OutKind::kF32: static_cast<float*>(out)[i * ldo + j] = v; break;
-        case OutKind::kBF16: static_cast<c10::BFloat16*>(out)[i * ldo + j] = c10::BFloat16(v); break;
+        case OutKind::kBF16:
+          static_cast<c10::BFloat16*>(out)[i * ldo + j] = c10::BFloat16(v);
+          break;
         default: static_cast<c10::Half*>(out)[i * ldo + j] = c10::Half(v); break;
       }
     }
