@@ -104,6 +104,12 @@ class W4A4Linear(nn.Module):
         self._prepacked = ops.prepack_int4(w)
         self._prepacked_src = (w, _version(w))
 
+    def _apply(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - .to() / .cuda() / .cpu()
+        out = super()._apply(*args, **kwargs)
+        if self.weight_packed.device.type != "cpu":  # moved off the CPU: free the CPU-only copy
+            self._prepacked = self._prepacked_src = None
+        return out
+
     def _current_prepacked(self) -> torch.Tensor:
         w = self.weight_packed
         src = self._prepacked_src

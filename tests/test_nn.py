@@ -162,3 +162,14 @@ def test_prepacked_under_inference_mode(linear):
         y = q(x)
     assert torch.equal(y, ops.w4a4_linear(x, q.weight_packed, q.weight_scale, q.bias, 1.0))
     assert torch.equal(q(x), y)
+
+
+def test_prepacked_copy_dropped_when_moved_off_cpu(linear):
+    q = W4A4Linear.from_linear(linear)
+    assert q._prepacked is not None
+    q.to("meta")  # any non-CPU device: the CPU-only prepacked copy is released
+    assert q._prepacked is None and q._prepacked_src is None
+    q.to_empty(device="cpu")
+    q.load_state_dict(W4A4Linear.from_linear(linear).state_dict())
+    x = torch.randn(2, 64)
+    assert torch.equal(q(x), ops.w4a4_linear(x, q.weight_packed, q.weight_scale, q.bias, 1.0))
