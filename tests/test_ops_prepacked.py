@@ -172,6 +172,24 @@ def test_env_forced_isa_prepacked_exact_in_new_process(name, tmp_path):
     assert f"ISA={name}" in res.stdout
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float_outputs_round_half_even_at_ties(isa, one_thread, dtype):
+    """Unit scales make the fp32 result the exact integer accumulator, so many outputs sit exactly
+    halfway between two bf16 / fp16 values: every epilogue must round those to even like torch."""
+    gen = torch.Generator().manual_seed(21)
+    # 70 channels: vector lanes and a column tail; fp16 ties need |acc| > 2048: a longer K
+    M, N, K = 40, 70, 1024 if dtype == torch.bfloat16 else 8192
+    qa, qw = rand_codes(M, K, gen=gen), rand_codes(N, K, gen=gen)
+    acc = exact_acc(qa, qw)
+    bits = 8 if dtype == torch.bfloat16 else 11  # significant bits
+    mag = acc.abs().double()
+    ulp = torch.pow(2.0, torch.floor(torch.log2(mag.clamp(min=1))) - (bits - 1))
+    ties = ((mag / ulp) % 1 == 0.5).sum().item()
+    assert ties > 20, ties  # the data really exercises the tie rule
+    out = ops.w4a4_gemm(ops.pack_int4(qa), torch.ones(M), ops.pack_int4(qw), torch.ones(N), None, dtype)
+    assert torch.equal(out, acc.float().to(dtype))
+
+
 def _pp(n: int, k: int) -> torch.Tensor:
     return ops.prepack_int4(torch.zeros(n, k // 2, dtype=torch.uint8))
 

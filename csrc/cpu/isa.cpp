@@ -23,7 +23,7 @@ namespace fair::cpu {
 namespace {
 
 struct CpuFeatures {
-  bool avx2 = false;
+  bool avx2 = false;  // with fma and f16c
   bool avx512_vnni = false;  // with avx512f + avx512bw + avx512vl
   bool amx_int8 = false;     // with amx-tile, and the OS granted XTILEDATA
 };
@@ -56,6 +56,7 @@ CpuFeatures detect() {
   unsigned a, b, c, d;
   if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
   const bool osxsave = (c >> 27) & 1;
+  const bool fma = (c >> 12) & 1, f16c = (c >> 29) & 1;  // the AVX2 path also uses these
   if (!osxsave) return f;
   const uint64_t xcr0 = read_xcr0();
   const bool os_avx = (xcr0 & 0x6) == 0x6;             // SSE + AVX state
@@ -67,7 +68,7 @@ CpuFeatures detect() {
   const bool avx512f = (b >> 16) & 1, avx512bw = (b >> 30) & 1, avx512vl = (b >> 31) & 1;
   const bool avx512vnni = (c >> 11) & 1;
   const bool amx_tile = (d >> 24) & 1, amx_int8 = (d >> 25) & 1;
-  f.avx2 = avx2 && os_avx;
+  f.avx2 = avx2 && fma && f16c && os_avx;
   f.avx512_vnni = avx512f && avx512bw && avx512vl && avx512vnni && os_avx512;
   f.amx_int8 = amx_tile && amx_int8 && avx512f && os_avx512 && os_amx && request_amx_permission();
 #endif

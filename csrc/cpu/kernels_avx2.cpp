@@ -19,6 +19,7 @@
 #include <cstring>
 
 #define FAIR_AVX2 __attribute__((target("avx2,fma")))
+#define FAIR_AVX2_F16C __attribute__((target("avx2,fma,f16c")))
 
 namespace fair::cpu {
 namespace {
@@ -183,6 +184,57 @@ FAIR_AVX2 void prepack_blocks_avx2(const uint8_t* W, int64_t ldw, int64_t N, int
   }
 }
 
+// Same arithmetic as epilogue_scalar, 8 lanes at a time (see epilogue_avx512): acc = C - 8 rowsum,
+// ((float)acc * a_scale) * w_scale (+ bias) as separate IEEE fp32 operations, then round to
+// nearest even (bf16 by integer rounding like c10::BFloat16, NaN -> 0x7FC0; fp16 by vcvtps2ph).
+// Column tails go through the scalar epilogue.
+FAIR_AVX2_F16C void epilogue_avx2(const int32_t* C, int64_t ldc, int64_t rows, int64_t cols,
+                                  const int32_t* rowsum, const float* a_scale,
+                                  const float* w_scale, const float* bias, void* out, int64_t ldo,
+                                  OutKind kind) {
+  const int64_t cv = cols / 8 * 8;
+  for (int64_t i = 0; i < rows; ++i) {
+    const __m256i corr = _mm256_set1_epi32(8 * rowsum[i]);
+    const __m256 sa = _mm256_set1_ps(kind == OutKind::kI32 ? 0.0f : a_scale[i]);
+    const int32_t* c = C + i * ldc;
+    for (int64_t j = 0; j < cv; j += 8) {
+      const __m256i acc = _mm256_sub_epi32(_mm256_loadu_si256((const __m256i*)(c + j)), corr);
+      if (kind == OutKind::kI32) {
+        _mm256_storeu_si256((__m256i*)(static_cast<int32_t*>(out) + i * ldo + j), acc);
+        continue;
+      }
+      __m256 f = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc), sa),
+                               _mm256_loadu_ps(w_scale + j));
+      if (bias != nullptr) f = _mm256_add_ps(f, _mm256_loadu_ps(bias + j));
+      if (kind == OutKind::kF32) {
+        _mm256_storeu_ps(static_cast<float*>(out) + i * ldo + j, f);
+        continue;
+      }
+      __m128i h;
+      if (kind == OutKind::kBF16) {
+        const __m256i bits = _mm256_castps_si256(f);
+        const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+        __m256i r = _mm256_srli_epi32(
+            _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+        const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q));
+        r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+        // 8 dwords < 2^16 -> 8 words (packus per 128-bit lane, then the two lanes' low halves)
+        const __m256i p = _mm256_packus_epi32(r, r);
+        h = _mm_unpacklo_epi64(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+      } else {
+        h = _mm256_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      }
+      _mm_storeu_si128((__m128i*)(static_cast<uint16_t*>(out) + i * ldo + j), h);
+    }
+  }
+  if (cv < cols) {
+    const size_t esize = kind == OutKind::kF32 || kind == OutKind::kI32 ? 4 : 2;
+    epilogue_scalar(C + cv, ldc, rows, cols - cv, rowsum, a_scale, w_scale + cv,
+                    bias != nullptr ? bias + cv : nullptr, static_cast<char*>(out) + cv * esize,
+                    ldo, kind);
+  }
+}
+
 // clamp(round_half_even(x / s), -8, 7) for 8 floats, as int32.
 FAIR_AVX2 static inline __m256i code8(const float* p, __m256 vs, __m256 lo, __m256 hi) {
   const __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(p), vs),
@@ -245,7 +297,7 @@ FAIR_AVX2 bool quantize_row_avx2(const float* x, int64_t K, float clip, int8_t* 
 }
 
 const KernelTable kAvx2Kernels = {"avx2", true, kMr, kMr, gemm_avx2, quantize_row_avx2,
-                                  epilogue_scalar};
+                                  epilogue_avx2};
 
 }  // namespace fair::cpu
 
