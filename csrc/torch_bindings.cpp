@@ -37,6 +37,13 @@ TORCH_LIBRARY(fair, m) {
   m.def(
       "w4a4_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, float act_clip=1.0) -> "
       "Tensor");
+  // public packed w [N, K/2] -> the CPU kernels' prepacked int4 layout uint8 [ceil(N/64),
+  // Kp/4, 128] (Kp = K rounded up to 64; csrc/cpu/isa.h), made once per weight (W4A4Linear).
+  m.def("prepack_int4(Tensor w) -> Tensor");
+  // w4a4_linear on prepack_int4's output; N = w_scale.size(0), K = x.size(-1)
+  m.def(
+      "w4a4_linear_prepacked(Tensor x, Tensor w_prepacked, Tensor w_scale, Tensor? bias, "
+      "float act_clip=1.0) -> Tensor");
   // sum_i w_i * ||a_i - b_i||^2 over positions (a, b [..., N, D]); autograd in ops.py
   m.def("weighted_mse(Tensor a, Tensor b, Tensor w) -> Tensor");
   m.def("weighted_mse_backward(Tensor grad, Tensor a, Tensor b, Tensor w) -> (Tensor, Tensor)");
@@ -48,6 +55,8 @@ TORCH_LIBRARY_IMPL(fair, CPU, m) {
   m.impl("quantize_int4", &fair::quantize_int4_cpu);
   m.impl("w4a4_gemm", &fair::w4a4_gemm_cpu);
   m.impl("w4a4_linear", &fair::w4a4_linear_cpu);
+  m.impl("prepack_int4", &fair::prepack_int4_cpu);
+  m.impl("w4a4_linear_prepacked", &fair::w4a4_linear_prepacked_cpu);
   m.impl("weighted_mse", &fair::weighted_mse_cpu);
   m.impl("weighted_mse_backward", &fair::weighted_mse_backward_cpu);
 }
@@ -180,7 +189,7 @@ PyMethodDef kMethods[] = {
     {"_isa_for_env", py_isa_for_env, METH_O,
      "Test hook: the CPU path FAIR_CPU_ISA=<value> selects (warns on fallback)."},
     {"_selftest_pack_panels", py_selftest_pack, METH_NOARGS,
-     "Test hook: vector weight packers vs the scalar one; '' if all agree."},
+     "Test hook: vector prepacker and gemms vs the scalar ones; '' if all agree."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C", "The fair op library (torch.ops.fair).", -1,

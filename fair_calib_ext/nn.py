@@ -42,12 +42,29 @@ def quantize_weight(
     return ops.pack_int4(q), scale
 
 
+def _prepack_after_load(module: W4A4Linear, incompatible_keys: object) -> None:
+    module.prepack()
+
+
+def _version(t: torch.Tensor) -> int:
+    """The tensor's in-place version counter; -1 for inference tensors, which have none (an
+    in-place edit of an inference-mode weight is then not noticed: call ``prepack()``)."""
+    return -1 if t.is_inference() else t._version
+
+
 class W4A4Linear(nn.Module):
     """Linear layer with int4 weights (per output channel) and int4 activations (per token).
 
     Buffers: ``weight_packed`` uint8 ``[N, K/2]``, ``weight_scale`` fp32 ``[N]``, ``bias``
     (optional, ``[N]``). ``forward(x [..., K]) -> [..., N]`` in ``x.dtype`` via
     :func:`fair_calib_ext.ops.w4a4_linear` (activation quantization with ``act_clip``).
+
+    On CPU the layer also holds the kernels' prepacked form of the weights
+    (:func:`fair_calib_ext.ops.prepack_int4`, still 4 bits per weight, not in the state dict),
+    made once by :meth:`from_linear`, after ``load_state_dict`` and whenever ``weight_packed``
+    was replaced or modified in place; forward then runs
+    :func:`fair_calib_ext.ops.w4a4_linear_prepacked` (same result bit for bit, no per-call
+    reordering). On CUDA and under ``torch.compile`` it runs ``w4a4_linear`` on the public layout.
     """
 
     def __init__(
@@ -73,6 +90,33 @@ class W4A4Linear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device))
         else:
             self.bias = None
+        # CPU prepacked weights and the (tensor, version) they were made from
+        self._prepacked: torch.Tensor | None = None
+        self._prepacked_src: tuple[torch.Tensor, int] | None = None
+        self.register_load_state_dict_post_hook(_prepack_after_load)
+
+    def prepack(self) -> None:
+        """(Re)makes the CPU prepacked weights from ``weight_packed`` (no-op off CPU)."""
+        w = self.weight_packed
+        if w.device.type != "cpu":
+            self._prepacked = self._prepacked_src = None
+            return
+        self._prepacked = ops.prepack_int4(w)
+        self._prepacked_src = (w, _version(w))
+
+    def _apply(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - .to() / .cuda() / .cpu()
+        out = super()._apply(*args, **kwargs)
+        if self.weight_packed.device.type != "cpu":  # moved off the CPU: free the CPU-only copy
+            self._prepacked = self._prepacked_src = None
+        return out
+
+    def _current_prepacked(self) -> torch.Tensor:
+        w = self.weight_packed
+        src = self._prepacked_src
+        if src is None or src[0] is not w or src[1] != _version(w):
+            self.prepack()
+        assert self._prepacked is not None
+        return self._prepacked
 
     @classmethod
     def from_linear(
@@ -92,6 +136,7 @@ class W4A4Linear(nn.Module):
         mod.weight_scale.copy_(scale)
         if linear.bias is not None:
             mod.bias.copy_(linear.bias.detach().float())
+        mod.prepack()
         return mod
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -99,6 +144,10 @@ class W4A4Linear(nn.Module):
         return ops.unpack_int4(self.weight_packed).float() * self.weight_scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and self.weight_packed.device.type == "cpu" and not torch.compiler.is_compiling():
+            return ops.w4a4_linear_prepacked(
+                x, self._current_prepacked(), self.weight_scale, self.bias, self.act_clip
+            )
         return ops.w4a4_linear(x, self.weight_packed, self.weight_scale, self.bias, self.act_clip)
 
     def extra_repr(self) -> str:

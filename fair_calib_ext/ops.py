@@ -30,6 +30,8 @@ __all__ = [
     "quantize_int4",
     "w4a4_gemm",
     "w4a4_linear",
+    "prepack_int4",
+    "w4a4_linear_prepacked",
     "weighted_mse",
     "cpu_isa",
     "get_cpu_isa",
@@ -100,6 +102,28 @@ def w4a4_linear(
     the integer ``w`` has none.
     """
     return torch.ops.fair.w4a4_linear.default(x, w, w_scale, bias, float(act_clip))
+
+
+def prepack_int4(w: torch.Tensor) -> torch.Tensor:
+    """The CPU kernels' prepacked form of public packed weights ``w`` uint8 ``[N, K/2]``.
+
+    Returns uint8 ``[ceil(N/64), Kp/4, 128]`` (``Kp`` = K rounded up to 64): still 4 bits per
+    weight, reordered once into the GEMM's panel order (``csrc/cpu/isa.h``). For
+    :func:`w4a4_linear_prepacked`; the public layout stays the checkpoint format.
+    """
+    return torch.ops.fair.prepack_int4.default(w)
+
+
+def w4a4_linear_prepacked(
+    x: torch.Tensor,
+    w_prepacked: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    act_clip: float = 1.0,
+) -> torch.Tensor:
+    """:func:`w4a4_linear` on ``prepack_int4(w)``: the same result bit for bit, without the
+    per-call reordering of the weights. ``N = w_scale.shape[0]``, ``K = x.shape[-1]``."""
+    return torch.ops.fair.w4a4_linear_prepacked.default(x, w_prepacked, w_scale, bias, float(act_clip))
 
 
 def weighted_mse(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -254,6 +278,43 @@ def _w4a4_linear_fake(
         lambda: f"fair::w4a4_linear: x's last dimension K={x.shape[-1]} must equal 2 * w.size(1) = {2 * w.shape[1]}",
     )
     return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+def _prepacked_shape(n: int, k: int) -> tuple[int, int, int]:
+    return ((n + 63) // 64, (k + 63) // 64 * 16, 128)
+
+
+@torch.library.register_fake("fair::prepack_int4")
+def _prepack_int4_fake(w: torch.Tensor) -> torch.Tensor:
+    torch._check(w.dtype == torch.uint8, lambda: f"fair::prepack_int4: w must be uint8 (packed int4), got {w.dtype}")
+    torch._check(w.dim() == 2, lambda: f"fair::prepack_int4: w must be 2-D [N, K/2], got shape {tuple(w.shape)}")
+    return w.new_empty(_prepacked_shape(w.shape[0], 2 * w.shape[1]))
+
+
+@torch.library.register_fake("fair::w4a4_linear_prepacked")
+def _w4a4_linear_prepacked_fake(
+    x: torch.Tensor,
+    w_prepacked: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    act_clip: float = 1.0,
+) -> torch.Tensor:
+    op = "w4a4_linear_prepacked"
+    _check_same_device(op, x=x, w_prepacked=w_prepacked, w_scale=w_scale, bias=bias)
+    torch._check(x.dtype in _FLOAT_IN, lambda: f"fair::{op}: x must be float32, bfloat16 or float16, got {x.dtype}")
+    torch._check(
+        w_scale.dtype == torch.float32 and w_scale.dim() == 1,
+        lambda: f"fair::{op}: w_scale must be float32 of shape [N]",
+    )
+    n, k = w_scale.shape[0], x.shape[-1]
+    torch._check(
+        w_prepacked.dtype == torch.uint8 and tuple(w_prepacked.shape) == _prepacked_shape(n, k),
+        lambda: f"fair::{op}: w_prepacked must be the uint8 output of prepack_int4 for N={n} and K={k}, "
+        f"shape {_prepacked_shape(n, k)}, got {w_prepacked.dtype} {tuple(w_prepacked.shape)}",
+    )
+    if bias is not None:
+        torch._check(bias.dim() == 1 and bias.shape[0] == n, lambda: f"fair::{op}: bias must have shape [N] = [{n}]")
+    return x.new_empty((*x.shape[:-1], n))
 
 
 @torch.library.register_fake("fair::weighted_mse")

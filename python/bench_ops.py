@@ -1,17 +1,21 @@
 """Benchmark of the W4A4 ops against torch baselines, all in the same run (one table).
 
-For M in {256, 2048} and the LLaDA-8B shapes (K, N) in {(4096, 4096), (4096, 12288),
-(12288, 4096)} it times ``fair::w4a4_linear`` (activation quantization included) and
-``fair::w4a4_gemm`` (pre-quantized activations) against ``F.linear`` in fp32 and bf16 and
-``torch._int_mm`` (int8), and prints GOP/s (2*M*N*K / time), ratios and weight bytes.
+For M in {1, 16, 256, 2048} and the LLaDA-8B shapes (K, N) in {(4096, 4096), (4096, 12288),
+(12288, 4096)} it times ``fair_calib_ext.nn.W4A4Linear`` (CPU: weights prepacked once into the
+kernel layout, activation quantization included), ``fair::w4a4_linear`` on the public packed
+layout (prepacks per call) and ``fair::w4a4_gemm`` (pre-quantized activations, public layout)
+against ``F.linear`` in fp32 and bf16 and ``torch._int_mm`` (int8, oneDNN on CPU), and prints
+GOP/s (2*M*N*K / time), ratios and weight bytes, plus the CPU model and its relevant flags.
 
     python python/bench_ops.py                       # CPU, all cores, Markdown table
     python python/bench_ops.py --isa avx2 --m 256    # force a CPU kernel path, one M
     python python/bench_ops.py --device cuda         # same table on the GPU
 
-A slow baseline (e.g. ``torch._int_mm`` on a CPU without VNNI/AMX, a naive reference loop) is
-measured on a reduced M when one full call would take more than ``--max-call-s``; the table then
-marks its number with ``~`` and says at which M it was measured.
+Providers are timed in interleaved rounds (one call of each per round, after a warm-up), so a
+load change on a shared machine hits all columns alike; cells are medians, ratios are computed
+from the medians and, in a note line, from the best-of times. A slow baseline (e.g.
+``torch._int_mm`` on a CPU without VNNI/AMX) is measured on a reduced M when one full call would
+take more than ``--max-call-s``; the table marks its number with ``~``.
 """
 
 from __future__ import annotations
@@ -28,14 +32,25 @@ import torch.nn.functional as F
 
 import fair_calib_ext
 from fair_calib_ext import ops
+from fair_calib_ext.nn import W4A4Linear
 
 SHAPES = [(4096, 4096), (4096, 12288), (12288, 4096)]  # (K, N), LLaDA-8B projections
-MS = [256, 2048]
+MS = [1, 16, 256, 2048]
+CPU_FLAGS = ("avx2", "fma", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+             "amx_tile", "amx_int8", "amx_bf16")
+NAMES = ["F.linear fp32", "F.linear bf16", "torch._int_mm", "w4a4_gemm", "w4a4_linear", "W4A4Linear"]
+RATIOS = [  # (column, numerator baseline, our provider)
+    ("W4A4Linear vs fp32", "F.linear fp32", "W4A4Linear"),
+    ("W4A4Linear vs bf16", "F.linear bf16", "W4A4Linear"),
+    ("W4A4Linear vs _int_mm", "torch._int_mm", "W4A4Linear"),
+    ("w4a4_linear vs _int_mm", "torch._int_mm", "w4a4_linear"),
+]
 
 
 @dataclass
 class Timing:
     seconds: float  # median time of one call at the measured M, scaled to the table's M
+    best: float  # fastest call, scaled likewise
     spread: float  # (max - min) / median over the runs
     runs: int
     measured_m: int  # M actually run (< table M only for slow baselines)
@@ -50,26 +65,22 @@ def _sync(device: str) -> Callable[[], None]:
     return lambda: None
 
 
-def time_call(fn: Callable[[], object], sync: Callable[[], None], budget_s: float, max_runs: int) -> tuple[list[float], float]:
-    """Runs fn once as warm-up, then repeats until max_runs or budget_s; returns the times."""
+# wall clock, or this process's CPU time (--timer cpu, one CPU thread only): on a shared machine the
+# CPU time of a single-threaded run does not count the time it spent descheduled
+CLOCK: Callable[[], float] = time.perf_counter
+
+
+def time_once(fn: Callable[[], object], sync: Callable[[], None], inner: int = 1) -> float:
     sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    first = time.perf_counter() - t0
-    times: list[float] = []
-    deadline = time.perf_counter() + budget_s
-    while len(times) < max_runs and (len(times) < 1 or time.perf_counter() < deadline):
-        t0 = time.perf_counter()
+    t0 = CLOCK()
+    for _ in range(inner):
         fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return times, first
+    sync()
+    return (CLOCK() - t0) / inner
 
 
 # ---- providers -------------------------------------------------------------------------------------
 # Each provider maps (M, K, N) to a zero-argument callable running one matmul of that shape.
-# The CUDA build adds its own tensors and kernels here; the structure is device-neutral.
 
 
 def make_providers(device: str, m: int, k: int, n: int, x_dtype: torch.dtype) -> dict[str, Callable[[], object]]:
@@ -82,33 +93,50 @@ def make_providers(device: str, m: int, k: int, n: int, x_dtype: torch.dtype) ->
     wi8_t = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=gen).to(device).t()  # [K, N] column-major
     w_packed, w_scale = ops.quantize_int4(w32)
     a_packed, a_scale = ops.quantize_int4(x32)
+    lin = torch.nn.Linear(k, n, bias=False, device=device)
+    with torch.no_grad():
+        lin.weight.copy_(w32)
+    module = W4A4Linear.from_linear(lin)  # CPU: prepacked once here
+    del lin
     return {
         "F.linear fp32": lambda: F.linear(x32, w32),
         "F.linear bf16": lambda: F.linear(xb, wb),
         "torch._int_mm": lambda: torch._int_mm(xi8, wi8_t),
         "w4a4_gemm": lambda: ops.w4a4_gemm(a_packed, a_scale, w_packed, w_scale, None, x_dtype),
         "w4a4_linear": lambda: ops.w4a4_linear(x_lin, w_packed, w_scale, None),
+        "W4A4Linear": lambda: module(x_lin),
     }
 
 
-def measure(
-    device: str, name: str, m: int, k: int, n: int, x_dtype: torch.dtype, args: argparse.Namespace
-) -> Timing:
+def measure_row(
+    device: str, names: list[str], m: int, k: int, n: int, x_dtype: torch.dtype, args: argparse.Namespace
+) -> dict[str, Timing]:
+    """Times every provider of one (M, K, N) in interleaved rounds."""
     sync = _sync(device)
-    fn = make_providers(device, m, k, n, x_dtype)[name]
-    # probe with a small M first: a baseline that would take minutes per call is measured there
+    fns = make_providers(device, m, k, n, x_dtype)
+    scale = {name: 1.0 for name in names}
+    measured_m = {name: m for name in names}
     probe_m = min(m, 64)
-    if probe_m < m:
-        probe = make_providers(device, probe_m, k, n, x_dtype)[name]
-        times, first = time_call(probe, sync, budget_s=0.0, max_runs=1)
-        est = min(times) * m / probe_m
-        if est > args.max_call_s:
-            times, _ = time_call(probe, sync, budget_s=args.budget_s, max_runs=args.runs)
-            med = statistics.median(times)
-            return Timing(med * m / probe_m, (max(times) - min(times)) / med, len(times), probe_m)
-    times, first = time_call(fn, sync, budget_s=args.budget_s, max_runs=args.runs)
-    med = statistics.median(times)
-    return Timing(med, (max(times) - min(times)) / med, len(times), m)
+    if probe_m < m:  # a baseline that would take minutes per call is measured at M=64
+        probes = make_providers(device, probe_m, k, n, x_dtype)
+        for name in names:
+            if time_once(probes[name], sync) * m / probe_m > args.max_call_s:
+                fns[name], scale[name], measured_m[name] = probes[name], m / probe_m, probe_m
+    first = {name: time_once(fns[name], sync) for name in names}  # warm-up (and prepack caches)
+    # tiny calls: time a loop of calls so that timer and Python overhead do not dominate
+    inner = {name: max(1, min(100, int(0.01 / max(first[name], 1e-6)))) for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    deadline = time.perf_counter() + args.budget_s * len(names)
+    for r in range(args.runs):
+        for name in names:
+            times[name].append(time_once(fns[name], sync, inner[name]) * scale[name])
+        if r >= 1 and time.perf_counter() > deadline:
+            break
+    out = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        out[name] = Timing(med, min(ts), (max(ts) - min(ts)) / med, len(ts), measured_m[name])
+    return out
 
 
 def cpu_name() -> str:
@@ -122,6 +150,19 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def cpu_flags() -> list[str]:
+    """The instruction-set flags that matter for these kernels, as /proc/cpuinfo lists them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [fl for fl in CPU_FLAGS if fl in have]
+    except OSError:
+        pass
+    return []
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -130,60 +171,62 @@ def main() -> None:
     p.add_argument("--isa", default="auto", help="CPU kernel path: auto|scalar|avx2|avx512_vnni|amx")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--x-dtype", choices=["bf16", "fp32", "fp16"], default="bf16", help="w4a4 input/output dtype")
-    p.add_argument("--runs", type=int, default=5, help="timed runs per entry (after one warm-up)")
-    p.add_argument("--budget-s", type=float, default=8.0, help="stop repeating an entry after this")
+    p.add_argument("--runs", type=int, default=7, help="interleaved timed rounds per row (after one warm-up)")
+    p.add_argument("--budget-s", type=float, default=8.0,
+                   help="stop adding rounds after this many seconds per provider")
     p.add_argument("--max-call-s", type=float, default=60.0, help="longer calls are measured at M=64")
     p.add_argument("--providers", default=None, help="comma separated subset of providers")
+    p.add_argument("--timer", choices=["wall", "cpu"], default="wall",
+                   help="cpu: process CPU time (CPU only, needs --threads 1; robust to a loaded machine)")
     args = p.parse_args()
     if args.device == "cuda":
         run_cuda(args)  # its own table: fp16/bf16 F.linear, _int_mm, M up to 8192, quantize GB/s
         return
 
+    if args.timer == "cpu" and args.threads != 1:
+        p.error("--timer cpu measures process CPU time and needs --threads 1")
+    global CLOCK
+    CLOCK = time.process_time if args.timer == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "cpu":
-        ops.set_cpu_isa(args.isa)
+    ops.set_cpu_isa(args.isa)
     x_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.x_dtype]
     shapes = SHAPES
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    names = ["F.linear fp32", "F.linear bf16", "torch._int_mm", "w4a4_gemm", "w4a4_linear"]
+    names = list(NAMES)
     if args.providers:
         names = [n for n in names if n in args.providers.split(",")]
 
     info = fair_calib_ext.build_info()
-    if args.device == "cuda":
-        dev_desc = torch.cuda.get_device_name()
-    else:
-        dev_desc = f"{cpu_name()}, {torch.get_num_threads()} threads, fair CPU path {ops.get_cpu_isa()}"
-    print(f"device: {dev_desc}; torch {torch.__version__}; w4a4 in/out dtype {x_dtype}")
+    print(f"device: {cpu_name()}, {torch.get_num_threads()} threads, fair CPU path {ops.get_cpu_isa()}; "
+          f"torch {torch.__version__}; w4a4 in/out dtype {x_dtype}; timer {args.timer}")
+    print(f"cpu flags: {' '.join(cpu_flags()) or 'n/a'}")
 
     header = ["M", "K", "N"] + [f"{n} ms (GOP/s)" for n in names]
-    ratio_cols = []
-    if "w4a4_linear" in names:
-        ratio_cols = [f"linear vs {b}" for b in ("fp32", "bf16", "_int_mm") if f"F.linear {b}" in names or (b == "_int_mm" and "torch._int_mm" in names)]
-    header += ratio_cols + ["W int4 / bf16 MB"]
+    ratio_cols = [r for r in RATIOS if r[1] in names and r[2] in names]
+    header += [r[0] for r in ratio_cols] + ["W int4 / bf16 MB"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for m in args.m:
         for k, n in shapes:
-            res = {name: measure(args.device, name, m, k, n, x_dtype, args) for name in names}
+            res = measure_row("cpu", names, m, k, n, x_dtype, args)
             cells = [str(m), str(k), str(n)]
             for name in names:
                 t = res[name]
                 mark = "~" if t.measured_m != m else ""
-                cells.append(f"{mark}{t.seconds * 1e3:.1f} ({mark}{t.gops(m, n, k):.0f})")
-            lin = res.get("w4a4_linear")
-            for col in ratio_cols:
-                base = {"linear vs fp32": "F.linear fp32", "linear vs bf16": "F.linear bf16", "linear vs _int_mm": "torch._int_mm"}[col]
-                cells.append(f"{res[base].seconds / lin.seconds:.2f}x")
+                cells.append(f"{mark}{t.seconds * 1e3:.2f} ({mark}{t.gops(m, n, k):.0f})")
+            for _, base, ours in ratio_cols:
+                cells.append(f"{res[base].seconds / res[ours].seconds:.2f}x")
             int4_bytes = n * k // 2 + 4 * n  # packed weights + fp32 scales
             cells.append(f"{int4_bytes / 2**20:.1f} / {2 * n * k / 2**20:.1f} ({2 * n * k / int4_bytes:.2f}x smaller)")
             print("| " + " | ".join(cells) + " |", flush=True)
             notes = [f"{nm} measured at M={t.measured_m}" for nm, t in res.items() if t.measured_m != m]
             noisy = [f"{nm} spread {t.spread:.0%}" for nm, t in res.items() if t.spread > 0.25 and t.runs > 1]
-            if notes or noisy:
-                print("  note: " + "; ".join(notes + noisy), flush=True)
+            best = [f"{col} {res[base].best / res[ours].best:.2f}x"
+                    for col, base, ours in ratio_cols]
+            extra = "; " + "; ".join(notes + noisy) if notes or noisy else ""
+            print("  note: best-of ratios: " + ", ".join(best) + extra, flush=True)
     print(f"build: {info}")
 
 

@@ -37,6 +37,17 @@ from fair_calib_ext.models.transformer import DecoderLayer, rope_cos_sin  # noqa
 from fair_calib_ext.sampling import generate  # noqa: E402
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def w4a4_available() -> tuple[bool, str]:
     """Whether the fair ops are built (W4A4Linear needs them)."""
     if getattr(fair_calib_ext, "_C", None) is None:
@@ -57,14 +68,19 @@ def to_w4a4(module: nn.Module, layers: list[nn.Module], layer_map: dict) -> nn.M
     return module
 
 
+# wall clock, or this process's CPU time (--timer cpu, one thread only): on a shared machine the
+# CPU time of a single-threaded run does not count the time it spent descheduled
+CLOCK: Callable[[], float] = time.perf_counter
+
+
 def timeit(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
     for _ in range(warmup):
         fn()
     out = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
-        out.append(time.perf_counter() - t0)
+        out.append(CLOCK() - t0)
     return out
 
 
@@ -140,13 +156,15 @@ def bench_layer(args: argparse.Namespace, have_w4a4: bool) -> list[str]:
         "| variant | ms / step (min-max) | steps/s | vs fp32 | vs bf16 |",
         "|---|---|---|---|---|",
     ]
-    res: dict[str, list[float]] = {}
-    for label, (mod, dt) in variants.items():
-        x = x32.to(dt)
-        pe = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, torch.float32)
-        with torch.no_grad():
-            res[label] = timeit(lambda m=mod, x=x, pe=pe: m(x, position_embeddings=pe), args.warmup,
-                                args.layer_repeats)
+    res: dict[str, list[float]] = {label: [] for label in variants}
+    pe = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, torch.float32)
+    calls = {label: (lambda m=mod, x=x32.to(dt): m(x, position_embeddings=pe)) for label, (mod, dt) in variants.items()}
+    with torch.no_grad():  # interleaved rounds: a load change hits every variant alike
+        for fn in calls.values():
+            timeit(fn, args.warmup, 0)
+        for _ in range(args.layer_repeats):
+            for label, fn in calls.items():
+                res[label] += timeit(fn, 0, 1)
     med = {k: statistics.median(v) for k, v in res.items()}
     for label, ts in res.items():
         rows.append(f"| {label} | {fmt(ts, 1e3)} | {1 / med[label]:.2f} | {med['fp32'] / med[label]:.2f}x | "
@@ -167,19 +185,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--layer-repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--timer", choices=["wall", "cpu"], default="wall",
+                    help="cpu: process CPU time (needs --threads 1; robust to a loaded machine)")
     ap.add_argument("--skip-model", action="store_true")
     ap.add_argument("--skip-layer", action="store_true")
     args = ap.parse_args(argv)
+    if args.timer == "cpu" and args.threads != 1:
+        ap.error("--timer cpu measures process CPU time and needs --threads 1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.timer == "cpu" else time.perf_counter
     have, why = w4a4_available()
     isa = ""
     if have:
         from fair_calib_ext import ops
 
         isa = ops.get_cpu_isa()
-    print(f"# bench_sampling: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, W4A4 ISA: {isa or 'n/a'}")
+    print(f"# bench_sampling: torch {torch.__version__}, {cpu_name()}, "
+          f"{torch.get_num_threads()} threads, W4A4 ISA: {isa or 'n/a'}, timer: {args.timer}")
     if not have:
         print(f"W4A4 column skipped: {why}")
     blocks = []

@@ -104,3 +104,72 @@ def test_torch_compile_fullgraph(linear, backend):
     assert torch.equal(compiled(x), block(x))
     x2 = torch.randn(7, 64)  # a second shape: recompiles (or runs dynamic) without graph breaks
     assert torch.equal(compiled(x2), block(x2))
+
+
+# ---- CPU prepacked weights ------------------------------------------------------------------------
+
+
+def test_prepacked_forward_is_bitwise_the_public_op(linear):
+    q = W4A4Linear.from_linear(linear)
+    assert q._prepacked is not None and q._prepacked.dtype == torch.uint8
+    assert q._prepacked.numel() >= q.weight_packed.numel()  # 4 bits per weight, padded to tiles
+    for x in (torch.randn(3, 64), torch.randn(2, 7, 64).bfloat16(), torch.randn(64).half()):
+        assert torch.equal(q(x), ops.w4a4_linear(x, q.weight_packed, q.weight_scale, q.bias, 1.0))
+
+
+def test_prepacked_state_dict_unchanged_and_refreshed_on_load(linear):
+    q = W4A4Linear.from_linear(linear)
+    assert set(q.state_dict()) == {"weight_packed", "weight_scale", "bias"}
+    fresh = W4A4Linear(64, 24)
+    x = torch.randn(5, 64)
+    fresh(x)  # prepacks the zero weights
+    fresh.load_state_dict(q.state_dict())  # in-place copy: the load hook re-prepacks
+    assert torch.equal(fresh._prepacked, q._prepacked)
+    assert torch.equal(fresh(x), q(x))
+
+
+def test_prepacked_follows_weight_replacement_and_inplace_edits(linear):
+    q = W4A4Linear.from_linear(linear)
+    x = torch.randn(4, 64)
+    other = W4A4Linear.from_linear(nn.Linear(64, 24))
+    q.weight_packed = other.weight_packed.clone()  # replaced (as QuantLinear.from_quantized does)
+    q.weight_scale = other.weight_scale.clone()
+    q.bias = other.bias.clone()
+    assert torch.equal(q(x), other(x))
+    with torch.no_grad():
+        q.weight_packed[0].fill_(0x77)  # modified in place: version bump
+    expect = ops.w4a4_linear(x, q.weight_packed, q.weight_scale, q.bias, 1.0)
+    assert torch.equal(q(x), expect)
+
+
+def test_quant_linear_uses_prepacked_kernel_layout():
+    from fair_calib_ext.quant.modules import QuantLinear
+
+    gen = torch.Generator().manual_seed(1)
+    codes = torch.randint(-8, 8, (40, 96), dtype=torch.int8, generator=gen)
+    scale = torch.rand(40, generator=gen) + 0.1
+    m = QuantLinear.from_quantized(codes, scale, None, w_bits=4, a_bits=4, act_clip=1.0, use_kernels=True)
+    assert m.uses_kernels and m.linear._prepacked is not None
+    assert torch.equal(m.linear._prepacked, ops.prepack_int4(ops.pack_int4(codes)))
+    x = torch.randn(3, 96, generator=gen)
+    assert torch.equal(m(x), ops.w4a4_linear(x, m.linear.weight_packed, m.linear.weight_scale, None, 1.0))
+
+
+def test_prepacked_under_inference_mode(linear):
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        q = W4A4Linear.from_linear(linear)  # inference tensors: no version counter
+        y = q(x)
+    assert torch.equal(y, ops.w4a4_linear(x, q.weight_packed, q.weight_scale, q.bias, 1.0))
+    assert torch.equal(q(x), y)
+
+
+def test_prepacked_copy_dropped_when_moved_off_cpu(linear):
+    q = W4A4Linear.from_linear(linear)
+    assert q._prepacked is not None
+    q.to("meta")  # any non-CPU device: the CPU-only prepacked copy is released
+    assert q._prepacked is None and q._prepacked_src is None
+    q.to_empty(device="cpu")
+    q.load_state_dict(W4A4Linear.from_linear(linear).state_dict())
+    x = torch.randn(2, 64)
+    assert torch.equal(q(x), ops.w4a4_linear(x, q.weight_packed, q.weight_scale, q.bias, 1.0))

@@ -124,8 +124,8 @@ def test_isa_paths_agree_bitwise():
 
 
 def test_vector_weight_packers_match_scalar():
-    """Both panel encodings (u8 offset for AVX2/VNNI, s8 for AMX) of every supported vector
-    packer equal the scalar packer, including channel and K edges."""
+    """Every supported vector prepacker equals the scalar one (channel and K edges), and every
+    supported ISA gemm equals the scalar gemm on random prepacked blocks."""
     assert fair_calib_ext._C._selftest_pack_panels() == ""
 
 

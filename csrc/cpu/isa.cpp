@@ -23,7 +23,7 @@ namespace fair::cpu {
 namespace {
 
 struct CpuFeatures {
-  bool avx2 = false;
+  bool avx2 = false;  // with fma and f16c
   bool avx512_vnni = false;  // with avx512f + avx512bw + avx512vl
   bool amx_int8 = false;     // with amx-tile, and the OS granted XTILEDATA
 };
@@ -56,6 +56,7 @@ CpuFeatures detect() {
   unsigned a, b, c, d;
   if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
   const bool osxsave = (c >> 27) & 1;
+  const bool fma = (c >> 12) & 1, f16c = (c >> 29) & 1;  // the AVX2 path also uses these
   if (!osxsave) return f;
   const uint64_t xcr0 = read_xcr0();
   const bool os_avx = (xcr0 & 0x6) == 0x6;             // SSE + AVX state
@@ -67,7 +68,7 @@ CpuFeatures detect() {
   const bool avx512f = (b >> 16) & 1, avx512bw = (b >> 30) & 1, avx512vl = (b >> 31) & 1;
   const bool avx512vnni = (c >> 11) & 1;
   const bool amx_tile = (d >> 24) & 1, amx_int8 = (d >> 25) & 1;
-  f.avx2 = avx2 && os_avx;
+  f.avx2 = avx2 && fma && f16c && os_avx;
   f.avx512_vnni = avx512f && avx512bw && avx512vl && avx512vnni && os_avx512;
   f.amx_int8 = amx_tile && amx_int8 && avx512f && os_avx512 && os_amx && request_amx_permission();
 #endif
@@ -153,35 +154,81 @@ Isa set_active_isa(Isa isa) {
   return prev;
 }
 
+void prepack_blocks(const uint8_t* W, int64_t ldw, int64_t N, int64_t K, int64_t n0,
+                    int64_t nblocks, uint8_t* out) {
+#if defined(FAIR_HAVE_AVX512_VNNI) && defined(FAIR_HAVE_AVX2)
+  // the vector prepacker follows the forced path too, so FAIR_CPU_ISA=scalar runs no AVX-512
+  if (active_isa() == Isa::kAvx512Vnni || active_isa() == Isa::kAmx) {
+    return prepack_blocks_avx512(W, ldw, N, K, n0, nblocks, out);
+  }
+#endif
+#if defined(FAIR_HAVE_AVX2)
+  if (active_isa() == Isa::kAvx2) return prepack_blocks_avx2(W, ldw, N, K, n0, nblocks, out);
+#endif
+  prepack_blocks_scalar(W, ldw, N, K, n0, nblocks, out);
+}
+
 std::string selftest_pack_panels() {
   uint32_t state = 12345;
   auto next = [&state] {
     state = state * 1664525u + 1013904223u;
     return uint8_t(state >> 24);
   };
-  for (int i = 0; i < kNumIsa; ++i) {
-    const KernelTable& kt = kernels(Isa(i));
-    if (!isa_supported(Isa(i)) || kt.pack_panels == pack_panels_scalar) continue;
-    for (int64_t N : {5, 16, 37, 64, 100}) {
+  // 1. the vector prepackers against the scalar one (channel and K edges, a row stride > K/2)
+  struct Packer {
+    const char* name;
+    Isa isa;
+    void (*fn)(const uint8_t*, int64_t, int64_t, int64_t, int64_t, int64_t, uint8_t*);
+  };
+  std::vector<Packer> packers;
+#if defined(FAIR_HAVE_AVX2)
+  packers.push_back({"avx2", Isa::kAvx2, prepack_blocks_avx2});
+#endif
+#if defined(FAIR_HAVE_AVX512_VNNI) && defined(FAIR_HAVE_AVX2)
+  packers.push_back({"avx512", Isa::kAvx512Vnni, prepack_blocks_avx512});
+#endif
+  for (const Packer& pk : packers) {
+    if (!isa_supported(pk.isa)) continue;
+    for (int64_t N : {5, 64, 100, 128, 200}) {
       for (int64_t K : {2, 30, 62, 64, 130, 1024 + 66, 2048}) {
-        std::vector<uint8_t> W(size_t(N * K / 2));
+        const int64_t ldw = K / 2 + 3;
+        std::vector<uint8_t> W(size_t(N * ldw));
         for (auto& b : W) b = next();
-        const int64_t Kp = (K + 63) / 64 * 64;
-        for (int64_t n0 = 0; n0 < N; n0 += 32) {
-          for (int64_t k0 = 0; k0 < Kp; k0 += 1024) {
-            const int64_t kq = std::min<int64_t>(1024, Kp - k0) / 4;
-            const int64_t npanels = ((N - n0 + 15) / 16 + 1) / 2 * 2;
-            for (bool offset : {false, true}) {
-              std::vector<uint8_t> a(size_t(npanels * kq * 64), 0xAA), b(a.size(), 0x55);
-              pack_panels_scalar(W.data(), N, K, n0, npanels, k0, kq, offset, a.data());
-              kt.pack_panels(W.data(), N, K, n0, npanels, k0, kq, offset, b.data());
-              if (a != b) {
-                return std::string(kt.name) + ": pack_panels differs from scalar at N=" +
-                       std::to_string(N) + " K=" + std::to_string(K) + " n0=" +
-                       std::to_string(n0) + " k0=" + std::to_string(k0) +
-                       " offset=" + std::to_string(offset);
-              }
-            }
+        const int64_t nb = (N + kBlockN - 1) / kBlockN;
+        const int64_t nq = (K + kKAlign - 1) / kKAlign * kKAlign / 4;
+        std::vector<uint8_t> a(size_t(nb * nq * kQuadBytes), 0xAA), b(a.size(), 0x55);
+        prepack_blocks_scalar(W.data(), ldw, N, K, 0, nb, a.data());
+        pk.fn(W.data(), ldw, N, K, 0, nb, b.data());
+        if (a != b) {
+          return std::string(pk.name) + " prepack differs from scalar at N=" + std::to_string(N) +
+                 " K=" + std::to_string(K);
+        }
+      }
+    }
+  }
+  // 2. every supported gemm against the scalar gemm on random blocks (u in [0, 15], all rows)
+  for (int i = 1; i < kNumIsa; ++i) {
+    const KernelTable& kt = kernels(Isa(i));
+    if (!isa_supported(Isa(i))) continue;
+    for (int64_t mb : {1, 5, 6, 7, 13, 32, 64}) {
+      if (mb % kt.mr != 0) continue;
+      for (int64_t kq : {16, 48, 256}) {
+        std::vector<int8_t> A(size_t(mb * 4 * kq));
+        for (auto& v : A) v = int8_t(int(next() % 16) - 8);
+        const int64_t nb = 3, ldb = kq * kQuadBytes + 64, ldc = nb * kBlockN + 16;
+        std::vector<uint8_t> B(size_t(nb * ldb));
+        for (auto& v : B) v = next();
+        std::vector<uint8_t> scratch(size_t(kq * 256));
+        for (bool acc : {false, true}) {
+          std::vector<int32_t> c0(size_t(mb * ldc), 7), c1(c0);
+          kScalarKernels.gemm(A.data(), 4 * kq, mb, B.data(), ldb, nb, kq, c0.data(), ldc, acc,
+                              nullptr);
+          kt.gemm(A.data(), 4 * kq, mb, B.data(), ldb, nb, kq, c1.data(), ldc, acc,
+                  scratch.data());
+          if (c0 != c1) {
+            return std::string(kt.name) + ": gemm differs from scalar at mb=" +
+                   std::to_string(mb) + " kq=" + std::to_string(kq) +
+                   " accumulate=" + std::to_string(acc);
           }
         }
       }

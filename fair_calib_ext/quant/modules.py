@@ -4,7 +4,8 @@
 
     y = Linear_q( T(x) )      T: OnlineTransform or identity (fp32 compute, cast back)
 
-Linear_q is ``fair_calib_ext.nn.W4A4Linear`` (real int4 kernels, ``torch.ops.fair.w4a4_linear``)
+Linear_q is ``fair_calib_ext.nn.W4A4Linear`` (real int4 kernels, ``torch.ops.fair.w4a4_linear``;
+on CPU on weights prepacked once into the kernel layout)
 for W4A4 when the extension is built, otherwise :class:`RefQuantLinear`, the pure-torch reference
 with the same buffers (packed int4 weights + fp32 scales), used for W4A8 / W8A8 / W4A16 and
 as a fallback (a W4A4 fallback warns once per process; :func:`kernel_path` says which ran).
@@ -254,6 +255,7 @@ class QuantLinear(nn.Module):
             lin = m.linear
             lin.weight_packed = _pack(q)
             lin.weight_scale = scale.float().contiguous()
+            lin.prepack()  # CPU kernel layout, made once here (W4A4Linear re-makes it if stale)
         else:
             m.linear.set_weight(q, scale)
         if bias is not None:
