@@ -71,7 +71,7 @@ from fair_calib_ext.models import load_pretrained, load_tokenizer  # noqa: E402
 
 MAIN_ROWS = ("FP", "RTN", "SmoothQuant", "QuaRot", "QuaRot+GPTQ", "FlatQuant", "FAIR-Calib")
 # paired rows of the FAIR-Calib analysis: every seed, same calibration samples and probe prompts
-PAIRED_ROWS = ("FAIR uniform", "FAIR old", "FAIR[literal]")
+PAIRED_ROWS = ("FAIR uniform", "FAIR old", "FAIR[literal]", "FAIR[sampler]")
 ABLATIONS: tuple[str, ...] = ()
 # the candidates of the default prior, scored on the val split (see select_default)
 CANDIDATES = ("FAIR uniform", "FAIR[balanced]", "FAIR[literal]", "FAIR[literal-0.03]", "FAIR[exp]",
@@ -79,7 +79,8 @@ CANDIDATES = ("FAIR uniform", "FAIR[balanced]", "FAIR[literal]", "FAIR[literal-0
 # (A, B, what it isolates): the paired differences the report gives with bootstrap CIs
 PAIRS = (("FAIR-Calib", "FlatQuant", "the method vs its baseline"),
          ("FAIR-Calib", "FAIR uniform", "the prior alone (same data, engine, inputs; w ≡ 1)"),
-         ("FAIR-Calib", "FAIR[literal]", "sampler-matched (noise-aware) vs random-commit probe, same combine rule"),
+         ("FAIR-Calib", "FAIR[literal]", "sampler-matched noise-aware probe vs random-commit probe, same combine rule"),
+         ("FAIR[sampler]", "FAIR[literal]", "sampler-matched margin probe vs random-commit probe, same combine rule"),
          ("FAIR-Calib", "FAIR old", "new default vs the old one (aligned data + prior vs stream + flat prior)"))
 SINGLE_SEED_ROWS = ("FP", "RTN", "SmoothQuant", "QuaRot", "QuaRot+GPTQ")  # cheap baselines: first seed only
 
@@ -89,7 +90,7 @@ class Scale:
     """Everything that sets the size of a reproduction run."""
 
     models: list[str] = field(default_factory=lambda: ["tiny-llada", "tiny-dream"])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    seeds: list[int] = field(default_factory=lambda: list(range(10)))
     rows: list[str] = field(default_factory=lambda: list(MAIN_ROWS) + list(PAIRED_ROWS))
     ablations: list[str] = field(default_factory=lambda: list(ABLATIONS))
     ablation_seeds: list[int] = field(default_factory=lambda: [0])
