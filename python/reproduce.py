@@ -420,6 +420,11 @@ def targets(model: str, res: dict[str, list[dict[str, Any]]], p: dict[str, Any] 
                        f"**{'met' if closed >= 0.5 and ac['significant'] and ac['diff'] > 0 else 'not met'}**.")
         else:
             out.append(f"- {model}: no FlatQuant→FP gap to close (FP {fp:.1f}%, FlatQuant {100 * p['acc_b']:.1f}%).")
+    if fl["rel"] is not None and fp is not None and fp - 100 * p["acc_b"] > 0:
+        gap = fp - 100 * p["acc_b"]
+        out.append(f"- {model}: excluded at 95%: a flip reduction larger than {max(0.0, -100 * fl['rel_lo']):.0f}%, "
+                   f"and closing more than {max(0.0, 100 * 100 * ac['hi'] / gap):.0f}% of the FlatQuant→FP gap "
+                   f"(an accuracy gain above {100 * ac['hi']:+.2f} points).")
     half_acc = 100 * (ac["hi"] - ac["lo"]) / 2
     half_rel = 100 * (fl["rel_hi"] - fl["rel_lo"]) / 2 if fl["rel"] is not None else float("nan")
     out.append(f"- {model}: resolution — accuracy CI half-width {half_acc:.2f} points (bar ≤ 1), relative-flip CI "
