@@ -530,7 +530,8 @@ def write_report(runner: Runner, done: dict[tuple[str, str, int], dict[str, Any]
                + (f" (rate {spec.lambda0_rate})" if spec.lambda0 == "exp" else "")
                + f", λ1 {spec.lambda1}, c̃ {spec.reliability}, floor {spec.floor}. "
                "FAIR uniform = the same data and engine with w ≡ 1. FAIR old = the previous CLI default (stream "
-               "windows, trailing-K prior, balanced λ1 = 1, λ0 early: flat by construction). FAIR[p] = preset p of "
+               "windows, trailing-K prior, balanced λ1 = 1, λ0 early: flat by construction; probed on the same "
+               "task prompts as the other rows). FAIR[p] = preset p of "
                "`calib.prior.PRIOR_PRESETS` on aligned data.")
     if selection:
         out += ["", "## Choosing the default prior (val split only)", ""]
