@@ -408,7 +408,7 @@ def targets(model: str, res: dict[str, list[dict[str, Any]]], p: dict[str, Any] 
     if cut is not None:
         ok = fl["rel_hi"] <= -0.30
         out.append(f"- {model}: flips {100 * p['flips_a']:.2f}% vs {100 * p['flips_b']:.2f}% "
-                   f"({100 * cut:.0f}% fewer, 95% CI of the change {100 * fl['rel_lo']:+.0f}% to {100 * fl['rel_hi']:+.0f}%). "
+                   f"(relative change {100 * fl['rel']:+.0f}%, 95% CI {100 * fl['rel_lo']:+.0f}% to {100 * fl['rel_hi']:+.0f}%). "
                    f"Target ≥ 30% fewer with the CI excluding 0: **{'met' if ok and fl['significant'] else 'not met'}**.")
     if fp is not None:
         gap = fp - 100 * p["acc_b"]
