@@ -42,11 +42,6 @@ __all__ = ["main", "build_calibration_data"]
 _ACT_MEMORY_SHARE = 0.8
 
 
-def _read_texts(path: Path) -> list[str]:
-    """Plain calibration texts (a (prompt, answer) line becomes prompt + answer)."""
-    return [t if isinstance(t, str) else t[0] + t[1] for t in _read_calib_file(path)]
-
-
 def _read_calib_file(path: Path) -> list[str | tuple[str, str]]:
     """One entry per line: a string, or a (prompt, answer) pair for {"prompt","answer"} objects."""
     if not path.is_file():
@@ -87,19 +82,10 @@ def _default_gen_length(model: Any) -> int:
 def build_calibration_data(tokenizer: Any, texts: list[str], nsamples: int, seqlen: int, seed: int,
                            eos_id: int | None) -> torch.Tensor:
     """Token windows [nsamples, seqlen] cut at seeded random offsets from the concatenation of
-    ``texts`` (each followed by EOS) — the WikiText-style recipe; fully visible, no padding."""
-    stream: list[int] = []
-    for t in texts:
-        stream.extend(tokenizer.encode(t, add_special_tokens=False))
-        if eos_id is not None:
-            stream.append(eos_id)
-    if len(stream) < seqlen + 1:
-        reps = (seqlen + 1) // max(1, len(stream)) + 1  # short corpora are cycled, said in the log
-        stream = stream * reps
-    ids = torch.tensor(stream, dtype=torch.long)
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=g)
-    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+    ``texts`` (each followed by EOS) — the WikiText-style recipe (``calib.data.build_stream_data``)."""
+    from .calib.data import build_stream_data
+
+    return build_stream_data(tokenizer, texts, nsamples, seqlen, seed, eos_id).ids
 
 
 def _parser() -> argparse.ArgumentParser:

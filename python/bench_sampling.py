@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
 import sys
 import time
@@ -36,16 +35,7 @@ from fair_calib_ext.models import ModelConfig, available_embedded, load_pretrain
 from fair_calib_ext.models.transformer import DecoderLayer, rope_cos_sin  # noqa: E402
 from fair_calib_ext.sampling import generate  # noqa: E402
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from bench_ops import cpu_name  # noqa: E402  (python/, the same CPU line in both benchmarks)
 
 
 def w4a4_available() -> tuple[bool, str]:

@@ -56,7 +56,7 @@ from fair_calib_ext.calib import (  # noqa: E402
     probe_stats,
 )
 from fair_calib_ext.eval.accuracy import default_gen_kwargs  # noqa: E402
-from fair_calib_ext.eval.corpus import calib_texts  # noqa: E402
+from fair_calib_ext.eval.corpus import calib_texts, corpus_pairs  # noqa: E402
 from fair_calib_ext.eval.plots import (  # noqa: E402
     plot_flips_by_decile,
     plot_flips_by_position,
@@ -66,7 +66,7 @@ from fair_calib_ext.eval.plots import (  # noqa: E402
 from fair_calib_ext.eval.report import Column, default_columns, markdown_table, mean_std  # noqa: E402
 from fair_calib_ext.eval.runner import evaluate_model  # noqa: E402
 from fair_calib_ext.eval.stats import paired_diff_mean, paired_diff_ratio  # noqa: E402
-from fair_calib_ext.eval.tasks import TASKS, make_examples  # noqa: E402
+from fair_calib_ext.eval.tasks import TASKS  # noqa: E402
 from fair_calib_ext.models import load_pretrained, load_tokenizer  # noqa: E402
 
 MAIN_ROWS = ("FP", "RTN", "SmoothQuant", "QuaRot", "QuaRot+GPTQ", "FlatQuant", "FAIR-Calib")
@@ -130,10 +130,8 @@ def stream_windows(tok: Any, n: int, seqlen: int, seed: int) -> CalibData:
 
 
 def task_pairs(n: int, seed: int, split: str = "train") -> list[tuple[str, str]]:
-    """``n`` (prompt, answer) pairs of ``split``, the six tasks interleaved."""
-    per = -(-n // len(TASKS))
-    pools = {t: make_examples(t, split, per, seed=seed) for t in TASKS}
-    return [(pools[t][i].prompt, pools[t][i].answer) for i in range(per) for t in TASKS][:n]
+    """``n`` (prompt, answer) pairs of ``split``, the six tasks interleaved (``eval.corpus``)."""
+    return corpus_pairs(split, n, seed)
 
 
 def aligned_samples(tok: Any, n: int, seqlen: int, seed: int, gen_k: int) -> CalibData:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ref_quantize", "ref_pack", "exact_acc", "epilogue", "rand_codes"]
+__all__ = ["ref_quantize", "ref_pack", "exact_acc", "epilogue", "rand_codes", "isa_params"]
 
 
 def ref_quantize(x: torch.Tensor, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,3 +44,23 @@ def epilogue(acc, a_scale, w_scale, bias, dtype):
 
 def rand_codes(*shape: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randint(-8, 8, shape, dtype=torch.int8, generator=gen)
+
+
+def isa_params() -> list:
+    """One pytest param per CPU ISA path, skipped where this CPU/build lacks it."""
+    import pytest
+
+    import fair_calib_ext
+    from fair_calib_ext import ops
+
+    info = fair_calib_ext.build_info()
+    params = []
+    for name in ops.CPU_ISAS:
+        reason = None
+        if name not in info["cpu_isa_compiled"]:
+            reason = f"{name} path not compiled in this build"
+        elif name not in info["cpu_isa_supported"]:
+            reason = f"this CPU lacks {name} (supported: {info['cpu_isa_supported']})"
+        marks = [pytest.mark.skip(reason=reason)] if reason else []
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params

@@ -23,20 +23,7 @@ from pathlib import Path
 PKG_PARENT = str(Path(fair_calib_ext.__file__).resolve().parents[1])
 
 
-def isa_params() -> list:
-    """One pytest param per CPU ISA path, skipped where this CPU/build lacks it."""
-    info = fair_calib_ext.build_info()
-    params = []
-    for name in ops.CPU_ISAS:
-        reason = None
-        if name not in info["cpu_isa_compiled"]:
-            reason = f"{name} path not compiled in this build"
-        elif name not in info["cpu_isa_supported"]:
-            reason = f"this CPU lacks {name} (supported: {info['cpu_isa_supported']})"
-        marks = [pytest.mark.skip(reason=reason)] if reason else []
-        params.append(pytest.param(name, marks=marks, id=name))
-    return params
-
+from op_reference import isa_params  # noqa: E402  (tests/; also imported from here)
 
 ISAS = isa_params()
 

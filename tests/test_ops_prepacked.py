@@ -14,23 +14,10 @@ if fair_calib_ext._C is None:
     pytest.skip(f"fair_calib_ext._C not built: {fair_calib_ext._C_ERROR}", allow_module_level=True)
 
 from fair_calib_ext import ops  # noqa: E402
-from op_reference import epilogue, exact_acc, rand_codes, ref_pack, ref_quantize  # noqa: E402  (tests/)
+from op_reference import epilogue, exact_acc, isa_params, rand_codes, ref_pack, ref_quantize  # noqa: E402  (tests/)
 
 
-def _isa_params() -> list:
-    info = fair_calib_ext.build_info()
-    params = []
-    for name in ops.CPU_ISAS:
-        reason = None
-        if name not in info["cpu_isa_compiled"]:
-            reason = f"{name} path not compiled in this build"
-        elif name not in info["cpu_isa_supported"]:
-            reason = f"this CPU lacks {name} (supported: {info['cpu_isa_supported']})"
-        params.append(pytest.param(name, marks=[pytest.mark.skip(reason=reason)] if reason else [], id=name))
-    return params
-
-
-@pytest.fixture(params=_isa_params())
+@pytest.fixture(params=isa_params())
 def isa(request):
     with ops.cpu_isa(request.param):
         yield request.param
@@ -152,7 +139,7 @@ print("ISA=" + ops.get_cpu_isa())
 """
 
 
-@pytest.mark.parametrize("name", [p.values[0] for p in _isa_params()])
+@pytest.mark.parametrize("name", [p.values[0] for p in isa_params()])
 def test_env_forced_isa_prepacked_exact_in_new_process(name, tmp_path):
     """FAIR_CPU_ISA=<path> in a fresh process: W4A4Linear (prepacked, 2 threads) is exact."""
     import inspect

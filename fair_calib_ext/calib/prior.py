@@ -155,6 +155,15 @@ def _reliability(kind: str, prob: torch.Tensor, entropy: torch.Tensor, margin: t
     raise ValueError(f"unknown reliability {kind!r}; choose from {RELIABILITY}")
 
 
+def _row_normalised(c: torch.Tensor, mf: torch.Tensor) -> torch.Tensor:
+    """c̃ = c / mean(c over the row's masked positions), on masked positions (mf = mask as float);
+    rows with no masked position, or a zero mean, give zeros."""
+    cnt = mf.sum(1, keepdim=True)
+    mean = (c * mf).sum(1, keepdim=True) / cnt.clamp(min=1)
+    ok = (cnt > 0) & (mean.abs() > 0)
+    return torch.where(ok, c / torch.where(ok, mean, torch.ones_like(mean)), torch.zeros_like(c)) * mf
+
+
 def accumulate_trace(trace: Any, f_acc: torch.Tensor, r_acc: torch.Tensor, *, lambda0_schedule: str = "early",
                      lambda0_rate: float = 3.0, reliability: str = "prob", vocab_size: int | None = None,
                      step_offset: int = 0, total_steps: int | None = None) -> None:
@@ -172,12 +181,7 @@ def accumulate_trace(trace: Any, f_acc: torch.Tensor, r_acc: torch.Tensor, *, la
         f_acc += lambda0(gstep, steps, lambda0_schedule, lambda0_rate) * c.float().sum(0)
         rel = _reliability(reliability, trace.prob[t].float(), trace.entropy[t].float(),
                            trace.margin[t].float(), vocab)
-        mf = m.float()
-        cnt = mf.sum(1, keepdim=True)
-        mean = (rel * mf).sum(1, keepdim=True) / cnt.clamp(min=1)
-        ok = (cnt > 0) & (mean.abs() > 0)
-        tilde = torch.where(ok, rel / torch.where(ok, mean, torch.ones_like(mean)), torch.zeros_like(rel))
-        r_acc += (tilde * mf).sum(0)
+        r_acc += _row_normalised(rel, m.float()).sum(0)
 
 
 def finalize_prior(f_acc: torch.Tensor, r_acc: torch.Tensor, *, mode: str = "both", lambda1: float = 1.0,
@@ -367,12 +371,9 @@ def _stats_from_trace(trace: Any, vocab: int, student_top1: list[torch.Tensor] |
         else:
             frontier[c] = (student_top1[t] != trace.tokens[t]).float()[c]
         mf = m.double()
-        cnt = mf.sum(1, keepdim=True)
         for k in RELIABILITY:
             c_ = _reliability(k, trace.prob[t].double(), trace.entropy[t].double(), trace.margin[t].double(), vocab)
-            mean = (c_ * mf).sum(1, keepdim=True) / cnt.clamp(min=1)
-            ok = (cnt > 0) & (mean.abs() > 0)
-            rel[k] += torch.where(ok, c_ / torch.where(ok, mean, torch.ones_like(mean)), torch.zeros_like(c_)) * mf
+            rel[k] += _row_normalised(c_, mf)
     return commit_step, frontier, rel
 
 
