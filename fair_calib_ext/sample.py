@@ -23,7 +23,7 @@ from .errors import UsageError, report
 
 DEFAULT_EMBEDDED = "tiny-llada"
 # Decoded when no prompt is given, so the bare command shows the embedded model at work.
-DEFAULT_PROMPTS = ("Q: sort 7 3 9 1 4 A:", "Q: reverse cat dog sun A:", "Q: 48*7=? A:")
+DEFAULT_PROMPTS = ("Q: sort 7 3 9 1 4 A:", "Q: reverse cat dog sun A:", "Q: 482+937=? A:")
 _DTYPES = ("float32", "bfloat16", "float16")
 
 

@@ -543,6 +543,10 @@ def write_report(runner: Runner, done: dict[tuple[str, str, int], dict[str, Any]
             out.append(f"| {t['row']} | {t['flips']:.2f} | {t['acc']:.1f} | {t['min_ratio']:.2f} | "
                        f"{'yes' if t['eligible'] else 'no'} |")
         out += ["", f"Choice: **{selection['choice']}**; the code's default is FAIR[{DEFAULT_PRIOR}]."]
+    else:
+        out.append(f"- No val-split selection was run for these weights: FAIR-Calib uses the code's default prior "
+                   f"FAIR[{DEFAULT_PRIOR}], which `select_default` chose on the val split of earlier weights "
+                   "(`--stage select` repeats the choice for these).")
     if missing:
         out += ["", f"**Not run (time budget): {len(missing)} runs** — "
                 + "; ".join(f"{Path(m).name}/{r}/seed{s}" for m, r, s in missing[:40])

@@ -102,6 +102,14 @@ exactly one id**: a space before a digit is the standalone `▁` token, so `" 14
 (version 1, the first generation, had `▁d` and `d`). `decode(encode(s)) == s` for every task
 string, so answers are scored on decoded text. Answers are longer in tokens (8 sorted digits: 16),
 hence gen_length """ + str(g_len) + """ in `generation_config.json`."""
+    else:
+        tok_par = """Built with the `tokenizers` library (`python/tiny_tokenizer.py`): a normalizer maps spaces to `▁`,
+a regex pre-tokenizer cuts one digit / one word / one punctuation mark (each optionally with
+its leading `▁`), a WordLevel model maps pieces to ids, the decoder maps `▁` back to a space and
+concatenates. Every word is one token, every digit is one token (`4` and `▁4` are distinct ids:
+a digit with and without a preceding space), and `decode(encode(s)) == s` for every task string,
+so answers are scored on decoded text. `" 1419"` → `▁1 4 1 9`."""
+    if meta.get("recipe"):  # runs since the issue-12 flags record their recipe
         rc = meta.get("recipe", {})
         tw = rc.get("task_weights", {})
         cur = (f"; then an adaptive curriculum: every {rc.get('curriculum_every')} steps the weights are "
@@ -120,13 +128,7 @@ hence gen_length """ + str(g_len) + """ in `generation_config.json`."""
   1 thread per process, one process per core.""")
         where = ("a CPU with AVX512-BF16/AMX (bf16 autocast)" if meta.get("bf16") else "a CPU (fp32)") + \
             ", 1 thread, one process per core"
-    else:
-        tok_par = """Built with the `tokenizers` library (`python/tiny_tokenizer.py`): a normalizer maps spaces to `▁`,
-a regex pre-tokenizer cuts one digit / one word / one punctuation mark (each optionally with
-its leading `▁`), a WordLevel model maps pieces to ids, the decoder maps `▁` back to a space and
-concatenates. Every word is one token, every digit is one token (`4` and `▁4` are distinct ids:
-a digit with and without a preceding space), and `decode(encode(s)) == s` for every task string,
-so answers are scored on decoded text. `" 1419"` → `▁1 4 1 9`."""
+    else:  # the first-generation run, before recipes were recorded
         recipe_mix = """- Tasks mixed in every batch (weights add/sub 1.25, sort/reverse 1.5, mul/word 1), examples packed
   into 16 rows × 96 tokens with block-diagonal attention and per-example RoPE positions (3–6%
   padding)."""
@@ -135,13 +137,19 @@ so answers are scored on decoded text. `" 1419"` → `▁1 4 1 9`."""
   4× slower than fp32, so the bf16 autocast advice of the facts file does not apply here);
   1 thread per process (2 threads on the shared 2-core CPU measured 4× slower per step)."""
         where = "a 2-core AMD EPYC (AVX2) shared with other jobs"
-    v2_flags = (f" --preset {meta.get('preset')} --tokenizer-version 2 --reverse-words {meta.get('reverse_words')}"
-                f" --curriculum {meta.get('recipe', {}).get('curriculum', 'off')}"
-                if v2 else "")
+    rc = meta.get("recipe") or {}
+    run_flags = (f" --preset {meta.get('preset')} --tokenizer-version {meta.get('tokenizer_version', 1)}"
+                 f" --reverse-words {meta.get('reverse_words')} --curriculum {rc.get('curriculum', 'off')}"
+                 + (f" --lr {rc['lr']:g} --warmup {rc.get('warmup')}" if "lr" in rc else "")
+                 if rc else "")
+    init = meta.get("init_from")
+    origin = (f"trained on this project's task suite (`fair_calib_ext.eval.tasks`) in two stages — the "
+              f"first-generation model, continued ({init}; see \"Lineage\" below) —"
+              if init else "trained from scratch on this project's task suite (`fair_calib_ext.eval.tasks`)")
     card = f"""# {args.name}
 
 A tiny masked-diffusion LM in the official **{fam}** layout (`model_type` `{cfg['model_type']}`),
-trained from scratch on this project's task suite (`fair_calib_ext.eval.tasks`) so that the
+{origin} so that the
 package has a default model that runs on 2 CPU cores, whose answers can be checked, and that is
 sensitive to W4A4 quantization. It is a testbed, not a language model.
 
@@ -174,11 +182,11 @@ a table to memorise, so its splits share prompts). Text corpus for likelihood/ca
   sequence (LLaDA pretraining objective; the prompt then carries loss too).{' Dream: the loss at token i uses the raw logit at i−1 (shifted), trained diffusion-only from scratch.' if fam == 'Dream' else ''}
 {recipe_mix}
 {recipe_opt}
-- Trained: **{st['step']} steps, {st['examples']} examples, {st['elapsed'] / 60:.0f} min** of training
+- Trained{' (this stage)' if init else ''}: **{st['step']} steps, {st['examples']} examples, {st['elapsed'] / 60:.0f} min** of training
   time (evaluation excluded) on {where}, seed as in the
   log. Exported from the checkpoint with the best validation mean (`training_state.json`).
 
-Resume or extend: `python python/train_tiny.py --family {'dream' if fam == 'Dream' else 'llada'} --out <run dir> --budget-min <M>{v2_flags}`
+Resume or extend: `python python/train_tiny.py --family {'dream' if fam == 'Dream' else 'llada'} --out <run dir> --budget-min <M>{run_flags}{' --init-from <first-stage state>' if init else ''}`
 (re-running resumes from `<run dir>/state.pt`{'; the launch commands are in python/TRAINING_V2.md' if v2 else ''}), then
 `python python/train_tiny.py --family ... --out <run dir> --export fair_calib_ext/assets/{args.name}`.
 
@@ -195,7 +203,7 @@ remasking `{gk.get('remasking')}`, temperature 0, no CFG. W4A4 RTN: every decode
 activations, round half to even, no clipping or transforms; embeddings and output head in full
 precision; backend: {ev.get('w4a4_backend', 'n/a')}.
 
-{_acc_table(ev, BAR_V2 if v2 else BAR)}
+{_acc_table(ev, BAR_V2 if rc else BAR)}
 
 {_extra_table(ev)}
 

@@ -479,6 +479,8 @@ def main(argv: list[str] | None = None) -> None:
     reverse_words = word_tokens(tok) if args.reverse_words == "all" else None
     meta = {"tokenizer_version": args.tokenizer_version, "gen_length": gen_length,
             "reverse_words": args.reverse_words, "preset": args.preset, "bf16": USE_BF16,
+            # a continuation says what it started from (the model card's lineage)
+            "init_from": str(args.init_from) if args.init_from else None,
             "recipe": {k: getattr(args, k) for k in (
                 "lr", "lr_min_ratio", "warmup", "wd", "rows", "row_len", "pretrain_frac", "seed",
                 "budget_min", "curriculum", "curriculum_every", "curriculum_n", "curriculum_floor",

@@ -123,6 +123,20 @@ def test_default_embedded_model(capsys):
     assert out.startswith(">>> Q: sort 7 3 9 1 4 A:\n") and "llada, float32, cpu" in out
 
 
+def test_default_prompts_answered_correctly(capsys):
+    """The README's first command (no arguments) shows the embedded model getting its demo prompts
+    right; the expected answers are computed here, independently of the model and the suite."""
+    assert sample.main([]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    expected = {"Q: sort 7 3 9 1 4 A:": " " + " ".join(sorted("73914")),
+                "Q: reverse cat dog sun A:": " sun dog cat",
+                "Q: 482+937=? A:": f" {482 + 937}"}
+    assert set(sample.DEFAULT_PROMPTS) == set(expected)
+    for p, want in expected.items():
+        i = lines.index(f">>> {p}")
+        assert lines[i + 1] == want, (p, lines[i + 1])
+
+
 def test_quantized_dir(ckpt, tmp_path, capsys):
     """--quantized DIR: a save_quantized directory loads through load_pretrained and samples."""
     calib = pytest.importorskip("fair_calib_ext.calib")

@@ -307,7 +307,7 @@ PRIOR_PRESETS: dict[str, PriorSpec] = {
     "sampler-frontier": PriorSpec(policy="sampler", mode="frontier"),
     "noise": PriorSpec(policy="noise", combine="literal", lambda1=0.01),
 }
-DEFAULT_PRIOR = "noise"  # val selection of 2026-11-30, see REPORT.md
+DEFAULT_PRIOR = "noise"  # val selection of 2026-11-30 on the first-generation models, see REPORT_gen1.md
 
 
 def prior_spec(preset: str = DEFAULT_PRIOR, **overrides: Any) -> PriorSpec:
