@@ -604,6 +604,13 @@ def write_report(runner: Runner, done: dict[tuple[str, str, int], dict[str, Any]
 # ------------------------------------------------------------------------------------------
 
 
+def _preset_label(base: Scale, scale: Scale, quick: bool) -> str:
+    """The preset name plus every field the command line changed (so a reduced grid says so)."""
+    diffs = [f"--{f.name.replace('_', '-')} {getattr(scale, f.name)}" for f in dataclasses.fields(Scale)
+             if getattr(scale, f.name) != getattr(base, f.name)]
+    return ("--quick" if quick else "full") + (f" with {', '.join(diffs)}" if diffs else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small preset (minutes)")
@@ -698,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{out / 'selection.json'} was made for other weights; the report leaves it out", file=sys.stderr)
             selection = None
     write_report(runner, test, [k[:3] for k in missing if k[3] == "test"], Path(a.report),
-                 time.perf_counter() - t0, "--quick" if a.quick else "full", selection)
+                 time.perf_counter() - t0, _preset_label(base, scale, a.quick), selection)
     print(f"wrote {a.report} ({len(test)} runs, {len(missing)} not run)")
     return 0
 
