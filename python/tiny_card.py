@@ -109,8 +109,8 @@ its leading `▁`), a WordLevel model maps pieces to ids, the decoder maps `▁`
 concatenates. Every word is one token, every digit is one token (`4` and `▁4` are distinct ids:
 a digit with and without a preceding space), and `decode(encode(s)) == s` for every task string,
 so answers are scored on decoded text. `" 1419"` → `▁1 4 1 9`."""
-    if meta.get("recipe"):  # runs since the issue-12 flags record their recipe
-        rc = meta.get("recipe", {})
+    rc = meta.get("recipe") or {}  # runs since the issue-12 flags record their recipe
+    if rc:
         tw = rc.get("task_weights", {})
         cur = (f"; then an adaptive curriculum: every {rc.get('curriculum_every')} steps the weights are "
                f"re-estimated as each task's error rate on {rc.get('curriculum_n')} fresh val prompts, floor "
@@ -137,14 +137,13 @@ so answers are scored on decoded text. `" 1419"` → `▁1 4 1 9`."""
   4× slower than fp32, so the bf16 autocast advice of the facts file does not apply here);
   1 thread per process (2 threads on the shared 2-core CPU measured 4× slower per step)."""
         where = "a 2-core AMD EPYC (AVX2) shared with other jobs"
-    rc = meta.get("recipe") or {}
     run_flags = (f" --preset {meta.get('preset')} --tokenizer-version {meta.get('tokenizer_version', 1)}"
                  f" --reverse-words {meta.get('reverse_words')} --curriculum {rc.get('curriculum', 'off')}"
                  + (f" --lr {rc['lr']:g} --warmup {rc.get('warmup')}" if "lr" in rc else "")
                  if rc else "")
     init = meta.get("init_from")
-    origin = (f"trained on this project's task suite (`fair_calib_ext.eval.tasks`) in two stages — the "
-              f"first-generation model, continued ({init}; see \"Lineage\" below) —"
+    origin = (f"trained on this project's task suite (`fair_calib_ext.eval.tasks`) in two stages — "
+              f"continued from {init} (see \"Lineage\" below) —"
               if init else "trained from scratch on this project's task suite (`fair_calib_ext.eval.tasks`)")
     card = f"""# {args.name}
 
