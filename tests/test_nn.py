@@ -111,24 +111,58 @@ def test_torch_compile_fullgraph(linear, backend):
 
 def test_prepacked_forward_is_bitwise_the_public_op(linear):
     q = W4A4Linear.from_linear(linear)
-    assert q._prepacked is not None and q._prepacked.dtype == torch.uint8
-    assert q._prepacked.numel() >= q.weight_packed.numel()  # 4 bits per weight, padded to tiles
+    assert q.prepacked is not None and q.prepacked.dtype == torch.uint8
+    assert q.prepacked.numel() >= q.weight_packed.numel()  # 4 bits per weight, padded to tiles
     for x in (torch.randn(3, 64), torch.randn(2, 7, 64).bfloat16(), torch.randn(64).half()):
         assert torch.equal(q(x), ops.w4a4_linear(x, q.weight_packed, q.weight_scale, q.bias, 1.0))
+
+
+@pytest.mark.parametrize("n,k", [(24, 64), (64, 64), (70, 130), (1, 2), (129, 200)])
+def test_unprepack_inverts_prepack_exactly(n, k):
+    from fair_calib_ext.nn import unprepack_int4
+
+    w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=torch.Generator().manual_seed(n * k))
+    assert torch.equal(unprepack_int4(ops.prepack_int4(w), n, k), w)
+    with pytest.raises(ValueError, match="w_prepacked must be uint8"):
+        unprepack_int4(ops.prepack_int4(w), n + 64, k)
+
+
+def test_cpu_layer_holds_one_copy_of_the_weights(linear):
+    """On CPU only the prepacked weights are stored: no public copy in buffers or attributes."""
+    q = W4A4Linear.from_linear(linear)
+    held = [t for t in list(q.buffers()) + [v for v in vars(q).values() if isinstance(v, torch.Tensor)]
+            if t.dtype == torch.uint8]
+    assert len(held) == 1 and held[0] is q.prepacked
+    assert "weight_packed" not in dict(q.named_buffers())
 
 
 def test_prepacked_state_dict_unchanged_and_refreshed_on_load(linear):
     q = W4A4Linear.from_linear(linear)
     assert set(q.state_dict()) == {"weight_packed", "weight_scale", "bias"}
+    assert torch.equal(q.state_dict()["weight_packed"], quantize_weight(linear.weight)[0])
     fresh = W4A4Linear(64, 24)
     x = torch.randn(5, 64)
-    fresh(x)  # prepacks the zero weights
-    fresh.load_state_dict(q.state_dict())  # in-place copy: the load hook re-prepacks
-    assert torch.equal(fresh._prepacked, q._prepacked)
+    fresh(x)  # the zero weights
+    fresh.load_state_dict(q.state_dict())
+    assert torch.equal(fresh.prepacked, q.prepacked)
     assert torch.equal(fresh(x), q(x))
+    on_meta = W4A4Linear(64, 24, device="meta")  # how checkpoints are loaded: assign, no zero buffers first
+    on_meta.load_state_dict(q.state_dict(), assign=True)
+    assert torch.equal(on_meta(x), q(x))
 
 
-def test_prepacked_follows_weight_replacement_and_inplace_edits(linear):
+def test_load_state_dict_refuses_a_wrong_weight(linear):
+    q = W4A4Linear.from_linear(linear)
+    sd = q.state_dict()
+    sd["weight_packed"] = sd["weight_packed"][:-1].clone()
+    with pytest.raises(RuntimeError, match="weight_packed: expected uint8"):
+        W4A4Linear(64, 24).load_state_dict(sd)
+    sd.pop("weight_packed")
+    with pytest.raises(RuntimeError, match="Missing key"):
+        W4A4Linear(64, 24).load_state_dict(sd)
+
+
+def test_weights_follow_replacement_and_refuse_inplace_edits(linear):
     q = W4A4Linear.from_linear(linear)
     x = torch.randn(4, 64)
     other = W4A4Linear.from_linear(nn.Linear(64, 24))
@@ -136,10 +170,18 @@ def test_prepacked_follows_weight_replacement_and_inplace_edits(linear):
     q.weight_scale = other.weight_scale.clone()
     q.bias = other.bias.clone()
     assert torch.equal(q(x), other(x))
-    with torch.no_grad():
-        q.weight_packed[0].fill_(0x77)  # modified in place: version bump
-    expect = ops.w4a4_linear(x, q.weight_packed, q.weight_scale, q.bias, 1.0)
-    assert torch.equal(q(x), expect)
+    # weight_packed is computed from the one stored copy: an in-place edit would be lost, so it raises
+    with pytest.raises(RuntimeError, match="[Ii]nference tensor"):
+        q.weight_packed[0].fill_(0x77)
+    with pytest.raises(ValueError, match="weight_packed must be a uint8 tensor of shape"):
+        q.weight_packed = torch.zeros(24, 31, dtype=torch.uint8)
+
+
+def test_input_width_must_match_in_features():
+    """A K that rounds up to the same padded width used to run as if zero-padded."""
+    q = W4A4Linear.from_linear(nn.Linear(64, 32))
+    with pytest.raises(ValueError, match="expected in_features=64"):
+        q(torch.randn(3, 62))
 
 
 def test_quant_linear_uses_prepacked_kernel_layout():
@@ -149,8 +191,8 @@ def test_quant_linear_uses_prepacked_kernel_layout():
     codes = torch.randint(-8, 8, (40, 96), dtype=torch.int8, generator=gen)
     scale = torch.rand(40, generator=gen) + 0.1
     m = QuantLinear.from_quantized(codes, scale, None, w_bits=4, a_bits=4, act_clip=1.0, use_kernels=True)
-    assert m.uses_kernels and m.linear._prepacked is not None
-    assert torch.equal(m.linear._prepacked, ops.prepack_int4(ops.pack_int4(codes)))
+    assert m.uses_kernels and m.linear.prepacked is not None
+    assert torch.equal(m.linear.prepacked, ops.prepack_int4(ops.pack_int4(codes)))
     x = torch.randn(3, 96, generator=gen)
     assert torch.equal(m(x), ops.w4a4_linear(x, m.linear.weight_packed, m.linear.weight_scale, None, 1.0))
 
@@ -158,7 +200,7 @@ def test_quant_linear_uses_prepacked_kernel_layout():
 def test_prepacked_under_inference_mode(linear):
     x = torch.randn(3, 64)
     with torch.inference_mode():
-        q = W4A4Linear.from_linear(linear)  # inference tensors: no version counter
+        q = W4A4Linear.from_linear(linear)
         y = q(x)
     assert torch.equal(y, ops.w4a4_linear(x, q.weight_packed, q.weight_scale, q.bias, 1.0))
     assert torch.equal(q(x), y)
@@ -166,10 +208,11 @@ def test_prepacked_under_inference_mode(linear):
 
 def test_prepacked_copy_dropped_when_moved_off_cpu(linear):
     q = W4A4Linear.from_linear(linear)
-    assert q._prepacked is not None
+    public = q.weight_packed.clone()
     q.to("meta")  # any non-CPU device: the CPU-only prepacked copy is released
-    assert q._prepacked is None and q._prepacked_src is None
+    assert q.prepacked is None and q.weight_packed.device.type == "meta"
     q.to_empty(device="cpu")
     q.load_state_dict(W4A4Linear.from_linear(linear).state_dict())
+    assert q.prepacked is not None and torch.equal(q.weight_packed, public)
     x = torch.randn(2, 64)
     assert torch.equal(q(x), ops.w4a4_linear(x, q.weight_packed, q.weight_scale, q.bias, 1.0))
