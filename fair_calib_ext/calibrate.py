@@ -19,9 +19,9 @@ one-line ``error: ...`` on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -35,11 +35,6 @@ from .calib.prior import (COMBINE, DEFAULT_PRIOR, LAMBDA0_SCHEDULES, PRIOR_MODES
 from .errors import UsageError, report
 
 __all__ = ["main", "build_calibration_data"]
-
-
-# Calibration holds three activation tensors [nsamples, seqlen, hidden] on the CPU (FP inputs,
-# student inputs, block targets); refuse settings whose estimate exceeds this share of RAM.
-_ACT_MEMORY_SHARE = 0.8
 
 
 def _read_calib_file(path: Path) -> list[str | tuple[str, str]]:
@@ -146,6 +141,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="block length of the random-commit probe (default min(32, K/3): several blocks, so that "
                         "commit time follows position and the early boost has a shape to act on)")
     g.add_argument("--probe-batch-size", type=int, default=8)
+    g.add_argument("--probe-dtype", default=None, choices=("auto", "fp32", "bf16"),
+                   help="dtype of the teacher during Stage I (default auto: fp32 when the fp32 teacher and its "
+                        "student fit in the available memory, else bf16, as for LLaDA-8B / Dream-7B on 24 GB)")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--run-dir", default=None, help="per-block checkpoints for resume (default: <out>.run)")
@@ -161,7 +159,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 _PRIOR_FLAGS = ("prior", "prior_preset", "probe_policy", "prior_mode", "prior_combine", "lambda0", "lambda0_rate",
-                "lambda1", "reliability", "floor", "outside_weight", "probe_gen_length", "probe_steps", "probe_block")
+                "lambda1", "reliability", "floor", "outside_weight", "probe_gen_length", "probe_steps", "probe_block",
+                "probe_dtype")
 
 
 def _prior_spec_from_args(args: argparse.Namespace) -> Any:
@@ -220,17 +219,72 @@ def method_config(args: argparse.Namespace) -> Any:
     return cfg
 
 
-def _check_memory(nsamples: int, seqlen: int, hidden: int, act_dtype: torch.dtype) -> None:
-    """Refuse a calibration set whose activations cannot fit in this machine's memory."""
+_RUN_FILES = ("state.json", "block_*.safetensors", "block_*.json", "acts_*.safetensors", "*.tmp")
+
+
+def _remove_run_dir(run_dir: Path) -> None:
+    """Delete the resume files the engine wrote, then the directory if nothing else is in it:
+    a --run-dir that holds anything the run did not write is left in place."""
+    for pattern in _RUN_FILES:
+        for f in run_dir.glob(pattern):
+            f.unlink()
     try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not POSIX: no bound
-        return
-    need = 3 * nsamples * seqlen * hidden * torch.empty((), dtype=act_dtype).element_size()
-    if need > _ACT_MEMORY_SHARE * ram:
-        raise UsageError(f"--nsamples {nsamples} x --seqlen {seqlen}: the calibration activations need about "
-                         f"{need / 2**30:.1f} GiB (3 x nsamples x seqlen x hidden {hidden}), more than "
-                         f"{_ACT_MEMORY_SHARE:.0%} of this machine's {ram / 2**30:.1f} GiB; lower --nsamples or --seqlen")
+        run_dir.rmdir()
+    except OSError:  # not empty: the user's files stay
+        pass
+
+
+def _check_paths(out: Path, run_dir: Path, log: str | None) -> None:
+    """Outputs that would overwrite or delete one another are refused before any work."""
+    o, r = out.resolve(), run_dir.resolve()
+    if o == r or o in r.parents or r in o.parents:
+        raise UsageError(f"--run-dir {run_dir} and --out {out} must be separate directories (neither inside the "
+                         "other): the run dir is deleted when the run completes")
+    if log is not None:
+        lg = Path(log).resolve()
+        if lg == o or o in lg.parents or lg == r or r in lg.parents:
+            raise UsageError(f"--log {log} must not be inside --out {out} or --run-dir {run_dir}")
+
+
+def _check_budget(args: argparse.Namespace, mc: Any, cfg: Any, model_path: Path, seqlen: int, k: int,
+                  act_dtype: torch.dtype, device: torch.device, spec: Any, out: Path, run_dir: Path) -> torch.dtype | None:
+    """Refuse a run whose memory or disk estimate does not fit; returns the probe dtype (None: no probe)."""
+    from .calib import budget
+    from .models.weights import CheckpointTensors
+
+    tensors = CheckpointTensors(model_path)
+    stored = max((tensors.dtype(n).itemsize for n in tensors.names()), default=4)
+    probing = cfg.transform == "fair" and not args.prior and spec.mode != "uniform"
+    noise = probing and spec.policy == "noise"
+    avail = budget.available_memory()
+    probe_dtype = None
+    if probing:
+        choice = args.probe_dtype or "auto"
+        if choice == "auto":
+            probe_dtype = budget.choose_probe_dtype(mc, int(0.8 * avail) if avail else 1 << 62, noise)
+        else:
+            probe_dtype = torch.float32 if choice == "fp32" else torch.bfloat16
+    s1, s2 = budget.calibration_budget(
+        mc, stored_itemsize=stored, method=cfg.transform, weight_quant=cfg.weight_quant, nsamples=args.nsamples,
+        seqlen=seqlen, act_itemsize=act_dtype.itemsize, batch_size=cfg.batch_size,
+        probe_itemsize=probe_dtype.itemsize if probe_dtype is not None else None, probe_noise=noise,
+        probe_batch=args.probe_batch_size, probe_len=k + 64, device=device.type)
+    if avail is not None:
+        for name, b in (("Stage I (the prior's probe)", s1), ("Stage II (block-wise calibration)", s2)):
+            if b.parts and b.total > avail:
+                hint = ("lower --nsamples or --seqlen" if b is s2 else
+                        "use --probe-dtype bf16, a saved --prior, or lower --probe-batch-size")
+                flags = (f"--nsamples {args.nsamples} --seqlen {seqlen}" if b is s2 else
+                         f"--probe-batch-size {args.probe_batch_size}")
+                raise UsageError(f"--model {args.model} with {flags}: {name} needs about {budget.fmt_gib(b.total)} of memory "
+                                 f"({b.describe()}), more than the {budget.fmt_gib(avail)} available; {hint}")
+    need_disk = budget.quantized_bytes(mc, stored) + budget.quantized_bytes(mc, 0) + \
+        2 * args.nsamples * seqlen * mc.hidden_size * act_dtype.itemsize  # checkpoint + run dir
+    free = budget.free_disk(out.parent)
+    if need_disk > free:
+        raise UsageError(f"--out {out}: the quantized checkpoint and the resume files need about "
+                         f"{budget.fmt_gib(need_disk)} of disk, {budget.fmt_gib(free)} is free there")
+    return probe_dtype
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -256,6 +310,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     check_out_file(run_dir / "state.json", "--run-dir")
     if args.log:
         check_out_file(args.log, "--log")
+    _check_paths(out, run_dir, args.log)
     act_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.act_dtype]
     model_path = resolve_model_path(args.model)
     raw = read_config(model_path)
@@ -271,7 +326,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"{', '.join(given)}: prior options are used by --method fair only "
                              f"(got --method {args.method})")
     spec = _prior_spec_from_args(args) if cfg.transform == "fair" else None
-    _check_memory(args.nsamples, seqlen, mc.hidden_size, act_dtype)
+    # memory and disk, from the config and the shard headers alone (the probe length is bounded
+    # by the one the run will use: --probe-gen-length, or a quarter of the window)
+    k_est = args.probe_gen_length or max(1, seqlen // 4)
+    probe_dtype = _check_budget(args, mc, cfg, model_path, seqlen, k_est, act_dtype, device, spec, out, run_dir)
     if args.calib_data:
         entries = _read_calib_file(Path(args.calib_data))
         pairs = [e for e in entries if isinstance(e, tuple)]
@@ -287,7 +345,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pairs = calib_pairs(max(2000, args.nsamples * 8), seed=args.seed)
         texts = [p_ + a_ for p_, a_ in pairs]
         fmt = "stream" if args.calib_format == "stream" else "aligned"
-    model = load_pretrained(model_path, dtype=torch.float32, device="cpu")
+    # Stage II streams the blocks: only embeddings, final norm and head are read now, as stored
+    model = load_pretrained(model_path, dtype=None, device="cpu", stream_layers=True)
     try:
         tok = load_tokenizer(model_path)
     except OSError as exc:  # unreadable tokenizer files
@@ -334,13 +393,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             else:
                 pprompts = build_stream_data(tok, texts, min(args.n_probe, 512), seqlen, args.seed + 1,
                                              mc.eos_token_id).ids[:, :seqlen - k]
-            stats = probe_stats(model.to(device), pprompts, policy=spec.policy, n_probe=args.n_probe, gen_length=k,
+            # the whole teacher for the rollouts, then freed before Stage II streams the blocks
+            teacher = load_pretrained(model_path, dtype=probe_dtype, device=device)
+            stats = probe_stats(teacher, pprompts, policy=spec.policy, n_probe=args.n_probe, gen_length=k,
                                 steps=args.probe_steps, block_length=args.probe_block or max(1, min(32, k // 3)),
                                 batch_size=args.probe_batch_size, seed=args.seed, progress=not args.no_progress)
+            del teacher
+            gc.collect()
             prior = stats.prior(spec)
             prior.settings["preset"] = args.prior_preset or DEFAULT_PRIOR
             prior.settings["calib_format"] = fmt
-            model.to("cpu")
+            prior.settings["probe_dtype"] = str(probe_dtype).replace("torch.", "")
             t_prior = time.time() - t0
             w = prior.weights
             log({"event": "prior", "seconds": round(t_prior, 3), "weights": w.tolist(),
@@ -372,9 +435,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log(summary)
     extra_files["calib_log.jsonl"] = "".join(json.dumps(r) + "\n" for r in logs)
     save_quantized(model, out, overwrite=args.overwrite, tokenizer_from=model_path, extra_files=extra_files)
-    import shutil
-
-    shutil.rmtree(run_dir, ignore_errors=True)  # finished: the resume state is no longer needed
+    _remove_run_dir(run_dir)  # finished: the resume state is no longer needed
     if log_fh is not None:
         log_fh.close()
     return summary

@@ -165,7 +165,15 @@ def _tiny_model():
     return build_model(tiny_config("llada", num_hidden_layers=1), seed=0, init_std=0.2)
 
 
-def test_a_peaked_prior_lowers_the_error_where_it_points_and_changes_the_block() -> None:
+def test_a_peaked_prior_changes_the_calibrated_block() -> None:
+    """The prior reaches Stage II: a peaked prior and a uniform one calibrate different blocks.
+
+    Whether the peaked block then has lower error on the peaked positions is *not* asserted:
+    measured on this tiny block (4 seeds, 6 and 15 epochs, peak floor 0.02 and 0), the ratio
+    peaked/uniform error on those positions ranged 0.84-1.22 — the shared transforms and clips
+    learn nearly the same thing whatever the position weights (REPORT.md's diagnosis), so that
+    claim is a measurement for the paired grid, not a unit-test property.
+    """
     torch.manual_seed(0)
     base = _tiny_model()
     ids = torch.randint(3, base.config.vocab_size, (16, 16), generator=torch.Generator().manual_seed(1))
@@ -174,21 +182,13 @@ def test_a_peaked_prior_lowers_the_error_where_it_points_and_changes_the_block()
     from fair_calib_ext.calib import MethodConfig
 
     cfg = MethodConfig(method="fair", epochs=6, batch_size=4, seed=0)
-    uni, pk = copy.deepcopy(base), copy.deepcopy(base)
+    uni, pk, again = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
     calibrate(uni, cfg, ids, torch.ones(16), progress=False)
     calibrate(pk, cfg, ids, peak, progress=False)
-    su, sp = uni.state_dict(), pk.state_dict()
+    calibrate(again, cfg, ids, torch.ones(16), progress=False)
+    su, sp, sa = uni.state_dict(), pk.state_dict(), again.state_dict()
+    assert all(torch.equal(su[k], sa[k]) for k in su), "same prior, same seed: the same block"
     assert any(not torch.equal(su[k], sp[k]) for k in su), "the prior must change the calibrated block"
-    from fair_calib_ext.calib.layerwise import weighted_loss
-
-    # the weighted objective each one optimised: the peaked run wins on the peaked positions
-    with torch.no_grad():
-        h, kw = base.prepare_inputs(ids)
-        y = base.layers[0](h, **kw)
-        eu = (uni.layers[0](h, **kw) - y).pow(2).sum(-1).mean(0)
-        ep = (pk.layers[0](h, **kw) - y).pow(2).sum(-1).mean(0)
-        assert float(ep[-4:].sum()) < float(eu[-4:].sum())
-        assert float(weighted_loss(pk.layers[0](h, **kw), y, peak)) < float(weighted_loss(uni.layers[0](h, **kw), y, peak))
 
 
 def test_per_sample_weights_reach_the_training_loss() -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fair_calib_ext.models.testing import tiny_model
-from fair_calib_ext.sampling import Trace, generate, left_pad
+from fair_calib_ext.sampling import generate, left_pad
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

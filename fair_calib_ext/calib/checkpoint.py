@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from ..models.loading import load_quantized
 from ..quant.checkpoint import (
+    DEFAULT_SHARD_BYTES,
     QUANT_FORMAT,
     TOKENIZER_FILES,
     quantization_block,
@@ -36,11 +37,15 @@ def _package_version() -> str:
 def save_quantized(model: nn.Module, out_dir: str | os.PathLike[str], *, overwrite: bool = False,
                    tokenizer_from: str | os.PathLike[str] | None = None,
                    extra: dict[str, Any] | None = None,
-                   extra_files: dict[str, bytes | str] | None = None) -> Path:
+                   extra_files: dict[str, bytes | str] | None = None,
+                   max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write a calibrated model (QuantLinear modules) to ``out_dir`` atomically.
 
     ``extra`` is merged into the quantization_config block; ``extra_files`` (name -> content)
     are written into the directory too (calibration log, prior), inside the same atomic rename.
+    Tensors are gathered one top-level piece at a time (embeddings, each block, norm, head) and
+    written in shards of at most ``max_shard_bytes`` (one ``model.safetensors`` when it all
+    fits), so saving an 8B model costs one shard of memory on top of the model.
     """
     from ..models import official_config
 
@@ -59,10 +64,17 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike[str], *, overwri
     if extra:
         qconf.update(extra)
     off["quantization_config"] = qconf
-    tensors: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict().items():
-        if tied and name == "lm_head.weight":
-            continue
-        tensors[name] = t.detach().to("cpu").contiguous().clone()
-    return write_quantized_dir(out, off, tensors, overwrite=overwrite, tokenizer_from=tokenizer_from,
-                               extra_files=extra_files)
+
+    def pieces() -> Iterator[dict[str, torch.Tensor]]:
+        for cname, child in model.named_children():
+            subs = list(child.named_children()) if isinstance(child, nn.ModuleList) else [(None, child)]
+            for sub, mod in subs:
+                prefix = cname if sub is None else f"{cname}.{sub}"
+                piece = {f"{prefix}.{k}": t.detach().to("cpu").contiguous()
+                         for k, t in mod.state_dict().items()}
+                if tied and cname == "lm_head":
+                    piece.pop("lm_head.weight", None)
+                yield piece
+
+    return write_quantized_dir(out, off, pieces(), overwrite=overwrite, tokenizer_from=tokenizer_from,
+                               extra_files=extra_files, max_shard_bytes=max_shard_bytes)

@@ -18,7 +18,6 @@ uninterrupted one.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -32,12 +31,14 @@ import torch
 from torch import nn
 
 from ..errors import ResumeError
+from ..models.streaming import is_streamed_layer
+from ..models.weights import module_fingerprint
 from ..quant.checkpoint import quantized_specs
 from ..quant.gptq import GPTQ
 from ..quant.modules import PendingLinear, QuantLinear, kernel_report, kernels_available
 from ..quant.quantizer import quantize_ref
 from .data import CalibData, position_weights
-from .methods import BlockContext, MethodConfig, _linears, _pending_plain, get_transform
+from .methods import BlockContext, MethodConfig, _linears, get_transform
 
 __all__ = ["calibrate", "weighted_mse", "weighted_loss", "peak_memory_mb", "quantized_specs", "weight_fingerprint"]
 
@@ -187,25 +188,20 @@ def _read_resume(rd: Path, f: Path, read: Callable[[], Any]) -> Any:
 def _install_block_state(layer: nn.Module, specs: dict[str, dict[str, Any]], state: dict[str, torch.Tensor]) -> None:
     for nm, spec in specs.items():
         _set(layer, nm, QuantLinear.from_spec(spec))
-    layer.load_state_dict(state, strict=True)
-
-
-_FINGERPRINT_ELEMS = 1 << 16  # elements hashed per tensor: cheap on 8B models, and any fine-tune changes them
+    layer.load_state_dict(state, strict=True, assign=True)  # assign: a streamed block is still on meta
 
 
 @torch.no_grad()
 def weight_fingerprint(model: nn.Module) -> str:
     """A hash of the model's weights: names, shapes, dtypes and up to 65536 evenly strided
-    elements per tensor (every element of small tensors). Identifies the model in the resume
-    digest without reading gigabytes twice."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        flat = t.detach().reshape(-1)
-        step = max(1, flat.numel() // _FINGERPRINT_ELEMS)
-        sample = flat[::step].to("cpu", torch.float64 if t.is_floating_point() else torch.int64)
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:16]
+    elements per in-memory tensor; for a streamed model (``model.layer_source``) the blocks
+    still on disk add their checkpoint fingerprint (sampled rows). Identifies the model in the
+    resume digest without reading gigabytes twice."""
+    fp = module_fingerprint(model)
+    src = getattr(model, "layer_source", None)
+    if src is not None:
+        fp = hashlib.sha256((fp + src.fingerprint()).encode()).hexdigest()[:16]
+    return fp
 
 
 def _data_digest(ids: torch.Tensor, w: torch.Tensor, cfg: MethodConfig, weights: str = "") -> str:
@@ -224,6 +220,36 @@ def _norm_like_to(layer: nn.Module, dtype: torch.dtype) -> None:
             continue
         for p in m.parameters(recurse=False):
             p.data = p.data.to(dtype)
+
+
+def _materialize(model: nn.Module, i: int, device: torch.device) -> nn.Module:
+    """Block i in fp32 on ``device``: built by the model's layer source when it is streamed."""
+    layer = model.layers[i]
+    src = getattr(model, "layer_source", None)
+    if src is not None and is_streamed_layer(layer):
+        layer = src.load(i, torch.float32, device)
+        model.layers[i] = layer
+    else:
+        layer.to(device=device, dtype=torch.float32)
+    return layer
+
+
+def _rtn_reference_loss(layer: nn.Module, cfg: MethodConfig, lm: dict[str, Any], x: torch.Tensor, y: torch.Tensor,
+                        pos_w: torch.Tensor, kw: dict[str, Any], device: torch.device, bs: int) -> float:
+    """Loss of plain RTN (no transform) of this block: its linears are swapped for fake-quant
+    views of the same fp32 weights and swapped back, so an 8B block is never held twice."""
+    q = cfg.quant
+    orig = {nm: layer.get_submodule(nm) for _, nm in _linears(lm)}
+    try:
+        for nm, lin in orig.items():
+            ref = PendingLinear(lin.weight, lin.bias, w_bits=q.w_bits, a_bits=q.a_bits, w_clip=q.w_clip,
+                                act_clip=q.a_clip, share=True)
+            ref.quant = True
+            _set(layer, nm, ref)
+        return _loss_over(layer, x, y, pos_w, kw, device, bs)
+    finally:
+        for nm, lin in orig.items():
+            _set(layer, nm, lin)
 
 
 # -- the engine ----------------------------------------------------------------------------------
@@ -285,7 +311,7 @@ def calibrate(
     # before prepare_model (QuaRot rewrites the weights in place), so a resumed run matches
     fingerprint = weight_fingerprint(model) if run_dir is not None else ""
     transform.prepare_model(model)  # exact FP rewrite (QuaRot); teacher = this model
-    model_dtype = next(model.parameters()).dtype
+    model_dtype = model.embed_tokens.weight.dtype  # blocks go back to the dtype the model holds
     lm = model.layer_map()
     n_layers = len(model.layers)
 
@@ -323,8 +349,8 @@ def calibrate(
                 log({**rec, "resumed": True})
             log({"event": "resume", "from_block": start})
 
-    with torch.no_grad():
-        h0, kw = model.prepare_inputs(data[:1].to(model.device))
+    with torch.no_grad():  # the blocks run in fp32 whatever the model holds (RoPE tables too)
+        h0, kw = model.prepare_inputs(data[:1].to(model.device), rope_dtype=torch.float32)
     kw = _kwargs_to(kw, device)
     if x_fp is None:  # capture the FP input of block 0 (embedding output)
         with torch.no_grad():
@@ -341,18 +367,12 @@ def calibrate(
         it = tqdm(it, desc=f"calibrate {cfg.method}", total=n_layers, initial=start)
     for i in it:
         tb = time.time()
-        layer = model.layers[i]
-        layer.to(device=device, dtype=torch.float32)
+        layer = _materialize(model, i, device)
+        transform.prepare_block(layer, model)  # exact FP rewrite of this block (QuaRot); teacher = it
         y = run(layer, x_fp, keep=True)
         x_in = x_fp if cfg.fp_inputs else x_q
         # reference point: plain RTN (no transform) of this block on the same inputs
-        ref = copy.deepcopy(layer)
-        _pending_plain(ref, cfg, lm, cfg.quant.a_clip, False)
-        for m in ref.modules():
-            if isinstance(m, PendingLinear):
-                m.quant = True
-        loss_rtn = _loss_over(ref, x_in, y, pos_w, kw, device, bs)
-        del ref
+        loss_rtn = _rtn_reference_loss(layer, cfg, lm, x_in, y, pos_w, kw, device, bs)
         ctx = BlockContext(index=i, x_student=x_in, y_target=y, pos_weights=pos_w, layer_kwargs=kw,
                            device=device, model_config=model.config, layer_map=lm, run_batches=run,
                            loss_fn=loss_fn, log=log, progress=progress)
@@ -386,6 +406,8 @@ def calibrate(
                 old.unlink()
         if stop_after is not None and i + 1 >= stop_after and i + 1 < n_layers:
             return model
+    if getattr(model, "layer_source", None) is not None:
+        model.layer_source = None  # every block is built and quantized: the model stands alone
     log({"event": "summary", "method": cfg.method, "seconds": round(time.time() - t0, 3),
          **peak_memory_mb(device), **kernel_report(model)})  # which int4 path the W4A4 layers use
     model.quantization_config = {  # type: ignore[attr-defined]

@@ -471,12 +471,20 @@ def probe_stats(
 
 
 def rtn_student(model: torch.nn.Module) -> torch.nn.Module:
-    """A W4A4 RTN copy of ``model`` (no data needed) for the noise-aware probe."""
-    import copy
+    """A W4A4 RTN copy of ``model`` (no data needed) for the noise-aware probe.
 
+    The student shares the teacher's embeddings, final norm and LM head (they are not
+    quantized) and builds its blocks one at a time from copies of the teacher's, so it costs
+    the int4 blocks, not a second full-precision model.
+    """
+    from ..models.streaming import ModuleLayerSource
     from .layerwise import calibrate
 
-    st = copy.deepcopy(model)
+    with torch.device("meta"):
+        st = type(model)(model.config)
+    st.embed_tokens, st.norm, st.lm_head = model.embed_tokens, model.norm, model.lm_head
+    st.layer_source = ModuleLayerSource(model)
+    st.generation_config = dict(getattr(model, "generation_config", {}) or {})
     calibrate(st, "rtn", torch.zeros(1, 2, dtype=torch.long), None, device=next(model.parameters()).device,
               progress=False)
-    return st
+    return st.eval()

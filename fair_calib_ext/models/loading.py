@@ -130,115 +130,44 @@ def build_model(
     return model.to(device=device, dtype=dtype).eval()
 
 
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def _read_header(fname: Path) -> tuple[dict[str, Any], int]:
-    """(tensor entries, byte offset of the data section) of a safetensors file."""
-    size = fname.stat().st_size
-    with open(fname, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise CheckpointError(f"{fname}: not a safetensors file (too short)")
-        n = int.from_bytes(raw, "little")
-        if n <= 0 or n > 100_000_000 or 8 + n > size:
-            raise CheckpointError(f"{fname}: not a safetensors file or truncated (header length {n}, "
-                                  f"file size {size})")
-        try:
-            header = json.loads(fh.read(n))
-            header.pop("__metadata__", None)
-            ends = [int(e["data_offsets"][1]) for e in header.values()]
-        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
-            raise CheckpointError(f"{fname}: not a safetensors file (unreadable header: {exc})") from None
-    # a file cut short (interrupted copy) is caught here, before any tensor is read
-    if 8 + n + max(ends, default=0) > size:
-        raise CheckpointError(f"{fname}: truncated ({size} bytes, the header needs {8 + n + max(ends)})")
-    return header, 8 + n
-
-
-_STAGE_BYTES = 64 << 20  # conversion staging buffer: caps the extra memory of a dtype change
-
-
-def _read_tensor(fh: Any, entry: dict[str, Any], data_start: int, fname: Path, name: str,
-                 dtype: torch.dtype, stage: torch.Tensor) -> torch.Tensor:
-    """One tensor read straight into fresh CPU memory of ``dtype`` (no mmap).
-
-    Same dtype: the bytes land directly in the result. Otherwise they are converted in chunks
-    through ``stage`` (a uint8 buffer reused for every tensor, so conversion neither holds two
-    copies of a tensor nor fragments the heap with short-lived large blocks).
-    """
-    stored = _ST_DTYPES.get(entry["dtype"])
-    if stored is None:
-        raise CheckpointError(f"{fname}: tensor {name} has unsupported dtype {entry['dtype']}")
-    begin, end = entry["data_offsets"]
-    shape = entry["shape"]
-    numel = 1
-    for d in shape:
-        numel *= d
-    esize = torch.empty((), dtype=stored).element_size()
-    if end - begin != numel * esize:
-        raise CheckpointError(f"{fname}: tensor {name} byte size {end - begin} does not match its shape")
-    out = torch.empty(shape, dtype=dtype if stored.is_floating_point else stored)
-    if numel == 0:
-        return out
-    fh.seek(data_start + begin)
-    flat = out.view(-1)
-    if out.dtype == stored:
-        if fh.readinto(flat.view(torch.uint8).numpy()) != numel * esize:
-            raise CheckpointError(f"{fname}: truncated while reading {name}")
-        return out
-    chunk = max(1, min(numel, stage.numel() // esize))
-    buf = stage[: chunk * esize].view(stored)
-    for lo in range(0, numel, chunk):
-        n = min(chunk, numel - lo)
-        if fh.readinto(buf[:n].view(torch.uint8).numpy()) != n * esize:
-            raise CheckpointError(f"{fname}: truncated while reading {name}")
-        flat[lo:lo + n].copy_(buf[:n])
-    return out
-
-
-def _shard_files(path: Path) -> dict[str, list[str]]:
-    """file -> tensor names, from model.safetensors or a sharded index."""
-    index = path / "model.safetensors.index.json"
-    single = path / "model.safetensors"
-    if index.is_file():
-        with open(index, encoding="utf-8") as fh:
-            wmap: dict[str, str] = json.load(fh)["weight_map"]
-        files: dict[str, list[str]] = {}
-        for name, fname in wmap.items():
-            files.setdefault(fname, []).append(name)
-        for fname in files:
-            if not (path / fname).is_file():
-                raise CheckpointError(f"{path}: shard {fname} listed in the index is missing")
-        return files
-    if single.is_file():
-        return {"model.safetensors": list(_read_header(single)[0])}
-    if list(path.glob("*.bin")) or list(path.glob("*.pt")):
-        raise CheckpointError(f"{path}: only safetensors checkpoints are supported (found .bin/.pt files)")
-    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+def _layer_key(native: str) -> tuple[int, str] | None:
+    """'layers.3.attn.q_proj.weight' -> (3, 'attn.q_proj.weight'); None outside the blocks."""
+    head, _, rest = native.partition(".")
+    if head != "layers":
+        return None
+    idx, _, rel = rest.partition(".")
+    return int(idx), rel
 
 
 def load_pretrained(
     path_or_name: str | os.PathLike[str],
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
     device: str | torch.device = "cpu",
+    stream_layers: bool = False,
 ) -> nn.Module:
     """Load an official LLaDA/Dream directory, an embedded model name, or a quantized dir.
 
     The model is built on the meta device and each tensor is assigned as it is read (converted
-    to ``dtype`` on ``device``), so peak memory stays near one copy of the weights. Every
-    official tensor name is mapped and its shape checked; missing or unexpected tensors raise
+    to ``dtype`` on ``device``; ``dtype=None`` keeps every tensor in its stored dtype), so peak
+    memory stays near one copy of the weights plus one tensor. Every official tensor name is
+    mapped and its shape checked before anything is read; missing or unexpected tensors raise
     :class:`CheckpointError` listing them. Directories whose config.json has a
     ``quantization_config`` block are loaded by :func:`load_quantized`.
+
+    ``stream_layers=True`` reads only the embeddings, final norm and LM head: the decoder blocks
+    stay empty (meta device) and ``model.layer_source`` builds block i on request
+    (:mod:`fair_calib_ext.models.streaming`), which is how calibration handles models larger
+    than memory.
     """
+    from .streaming import CheckpointLayerSource
+    from .weights import CheckpointTensors
+
     path = resolve_model_path(path_or_name)
     raw = read_config(path)
     if "quantization_config" in raw:
+        if stream_layers:
+            raise CheckpointError(f"{path} is a quantized checkpoint: stream_layers applies to full-precision ones")
         return load_quantized(path, dtype=dtype, device=device)
     config = parse_official_config(raw)
     fam = _family_module(config)
@@ -249,31 +178,28 @@ def load_pretrained(
     expected = {n: p for n, p in model.named_parameters(remove_duplicate=True)}
     tied = config.tie_word_embeddings
 
-    files = _shard_files(path)
+    tensors = CheckpointTensors(path)
     seen: set[str] = set()
     unexpected: list[str] = []
     bad_shape: list[str] = []
     # check every name and shape first, so a bad checkpoint fails before reading gigabytes
-    plan: list[tuple[Path, str, str]] = []
-    headers: dict[Path, tuple[dict[str, Any], int]] = {}
-    for fname, names in files.items():
-        fpath = path / fname
-        header, _ = headers.setdefault(fpath, _read_header(fpath))
-        for oname in names:
-            if oname not in header:
-                raise CheckpointError(f"{fpath}: the index lists {oname}, which the file does not contain")
-            nname = fam.official_to_native(oname)
-            if tied and nname == "lm_head.weight":
-                continue  # a tied checkpoint that also stores the head: the copy is redundant
-            if nname is None or nname not in expected:
-                unexpected.append(oname)
-                continue
-            shape, ref = tuple(header[oname]["shape"]), tuple(expected[nname].shape)
-            if shape != ref:
-                bad_shape.append(f"{oname}: checkpoint {list(shape)} vs model {list(ref)}")
-                continue
-            plan.append((fpath, oname, nname))
-            seen.add(nname)
+    plan: list[tuple[str, str]] = []
+    for oname in tensors.names():
+        nname = fam.official_to_native(oname)
+        if tied and nname == "lm_head.weight":
+            continue  # a tied checkpoint that also stores the head: the copy is redundant
+        if nname is None or nname not in expected:
+            unexpected.append(oname)
+            continue
+        shape, ref = tensors.shape(oname), tuple(expected[nname].shape)
+        if shape != ref:
+            bad_shape.append(f"{oname}: checkpoint {list(shape)} vs model {list(ref)}")
+            continue
+        if not tensors.dtype(oname).is_floating_point:
+            bad_shape.append(f"{oname}: stored as {tensors.dtype(oname)}, a full-precision model needs floats")
+            continue
+        plan.append((oname, nname))
+        seen.add(nname)
     missing = sorted(fam.native_to_official(n) for n in expected if n not in seen)
     if missing or unexpected or bad_shape:
         parts = [f"cannot load {path} as {config.family}:"]
@@ -287,71 +213,62 @@ def load_pretrained(
             parts.append(f"shape mismatches ({len(bad_shape)}): {'; '.join(bad_shape[:20])}")
         raise CheckpointError("\n  ".join(parts))
     modules = dict(model.named_modules())
-    convert = [headers[f][0][o] for f, o, _ in plan
-               if _ST_DTYPES.get(headers[f][0][o]["dtype"], dtype) != dtype
-               and _ST_DTYPES[headers[f][0][o]["dtype"]].is_floating_point]
-    stage_bytes = min(_STAGE_BYTES, max((e["data_offsets"][1] - e["data_offsets"][0] for e in convert), default=0))
-    stage = torch.empty(max(stage_bytes, 8), dtype=torch.uint8)
-    handles: dict[Path, Any] = {}
-    try:
-        for fpath, oname, nname in plan:
-            fh = handles.get(fpath)
-            if fh is None:
-                fh = handles[fpath] = open(fpath, "rb")
-            header, start = headers[fpath]
-            t = _read_tensor(fh, header[oname], start, fpath, oname, dtype, stage)
-            if t.device != device:
-                t = t.to(device)  # one tensor at a time through host memory
-            mod_name, _, pname = nname.rpartition(".")
-            setattr(modules[mod_name], pname, nn.Parameter(t, requires_grad=False))
-    finally:
-        for fh in handles.values():
-            fh.close()
-    del stage
+    blocks: dict[int, list[tuple[str, str]]] = {}
+    for oname, nname in plan:
+        key = _layer_key(nname) if stream_layers else None
+        if key is not None:
+            blocks.setdefault(key[0], []).append((key[1], oname))
+            continue
+        t = tensors.read(oname, dtype=dtype, device=device)  # one tensor at a time through host memory
+        mod_name, _, pname = nname.rpartition(".")
+        setattr(modules[mod_name], pname, nn.Parameter(t, requires_grad=False))
     if tied:
         model.lm_head.weight = model.embed_tokens.weight
     model.requires_grad_(True)
+    if stream_layers:
+        model.layer_source = CheckpointLayerSource(config, tensors, blocks)
     # the samplers take Dream's defaults (top_p, top_k, alg_temp, eps) from here
     model.generation_config = load_generation_config(path)
     return model.eval()
 
 
-def load_quantized(path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32,
+def load_quantized(path: str | os.PathLike[str], *, dtype: torch.dtype | None = torch.float32,
                    device: str | torch.device = "cpu", use_kernels: bool | None = None) -> nn.Module:
     """Rebuild a model saved by ``calib.save_quantized``; its linears run the packed int4 kernels.
 
-    Full-precision tensors (embeddings, norms, LM head) are cast to ``dtype``; packed weights,
-    scales, biases and transforms keep their stored dtypes. The specs, tensor names, shapes and
-    dtypes are checked against the config before any tensor is read, as for official
-    checkpoints: a mismatch or a damaged file is a :class:`CheckpointError`.
+    Full-precision tensors (embeddings, norms, LM head) are cast to ``dtype`` (None: as
+    stored); packed weights, scales, biases and transforms keep their stored dtypes. The specs,
+    tensor names, shapes and dtypes are checked against the config before any tensor is read, as
+    for official checkpoints: a mismatch or a damaged file is a :class:`CheckpointError`. Tensors
+    are read module by module (single file or shards), so a CPU model holds one int4 copy of
+    each weight, never the public and the prepacked layouts of all of them at once.
     """
+    from .weights import CheckpointTensors
+
     p = resolve_model_path(path)
     raw = read_config(p)
     qconf = read_quantization_block(p, raw)
     config = parse_official_config(raw)
     with torch.device("meta"):
         model = DiffusionLM(config)
-    install_quant_modules(model, qconf, path=p, use_kernels=use_kernels)
-    fname = p / "model.safetensors"
-    if not fname.is_file():
-        raise CheckpointError(f"{p}: no model.safetensors")
-    header, start = _read_header(fname)
+        install_quant_modules(model, qconf, path=p, use_kernels=use_kernels)
+    tensors = CheckpointTensors(p)
     tied = config.tie_word_embeddings
     expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     qnames = tuple(n + "." for n in qconf["modules"])
-    missing = sorted(k for k in expected if k not in header)
-    unexpected = sorted(k for k in header if k not in expected and not (tied and k == "lm_head.weight"))
+    stored = set(tensors.names())
+    missing = sorted(k for k in expected if k not in stored)
+    unexpected = sorted(k for k in stored if k not in expected and not (tied and k == "lm_head.weight"))
     bad: list[str] = []
     for k, ref in expected.items():
-        e = header.get(k)
-        if e is None:
+        if k not in stored:
             continue
-        stored = _ST_DTYPES.get(e["dtype"])
-        if tuple(e["shape"]) != tuple(ref.shape):
-            bad.append(f"{k}: checkpoint {list(e['shape'])} vs config {list(ref.shape)}")
-        elif stored is None or stored.is_floating_point != ref.dtype.is_floating_point or \
-                (not stored.is_floating_point and stored != ref.dtype):
-            bad.append(f"{k}: dtype {e['dtype']} vs {str(ref.dtype).replace('torch.', '')}")
+        st_dtype = tensors.dtype(k)
+        if tensors.shape(k) != tuple(ref.shape):
+            bad.append(f"{k}: checkpoint {list(tensors.shape(k))} vs config {list(ref.shape)}")
+        elif st_dtype.is_floating_point != ref.dtype.is_floating_point or \
+                (not st_dtype.is_floating_point and st_dtype != ref.dtype):
+            bad.append(f"{k}: dtype {str(st_dtype).replace('torch.', '')} vs {str(ref.dtype).replace('torch.', '')}")
     if missing or unexpected or bad:
         parts = [f"cannot load {p} as a quantized {config.family}:"]
         if missing:
@@ -361,18 +278,21 @@ def load_quantized(path: str | os.PathLike[str], *, dtype: torch.dtype = torch.f
         if bad:
             parts.append(f"shape/dtype mismatches ({len(bad)}): {'; '.join(bad[:10])}")
         raise CheckpointError("\n  ".join(parts))
-    biggest = max((e["data_offsets"][1] - e["data_offsets"][0] for e in header.values()), default=0)
-    stage = torch.empty(max(8, min(_STAGE_BYTES, biggest)), dtype=torch.uint8)
-    state: dict[str, torch.Tensor] = {}
-    with open(fname, "rb") as fh:
-        for k in expected:
-            # packed weights, scales, biases, transforms keep their stored dtype; the rest -> dtype
-            want = _ST_DTYPES[header[k]["dtype"]] if k.startswith(qnames) else dtype
-            state[k] = _read_tensor(fh, header[k], start, fname, k, want, stage)
-    del stage
-    if tied:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
+    # one top-level piece at a time: embeddings, each block, final norm, head
+    pieces: dict[str, list[str]] = {}
+    for k in expected:
+        lk = _layer_key(k)
+        pieces.setdefault(f"layers.{lk[0]}" if lk else k.partition(".")[0], []).append(k)
+    for prefix, keys in pieces.items():
+        state = {}
+        for k in keys:
+            want = None if k.startswith(qnames) else dtype
+            state[k[len(prefix) + 1:]] = tensors.read(k, dtype=want)
+        try:
+            model.get_submodule(prefix).load_state_dict(state, strict=True, assign=True)
+        except (RuntimeError, ValueError) as exc:  # out-of-range codes, wrong transform shapes
+            raise CheckpointError(f"{p}: cannot load {prefix}: {str(exc).splitlines()[-1].strip()}") from None
+        del state
     if tied:
         model.lm_head.weight = model.embed_tokens.weight
     model.quantization_config = {"method": qconf.get("method"), "config": qconf.get("method_config"),

@@ -204,6 +204,7 @@ class DiffusionLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        rope_dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Embed ``input_ids`` [B, S] and build what every DecoderLayer needs.
 
@@ -211,6 +212,8 @@ class DiffusionLM(nn.Module):
         padded keys get an additive dtype-min bias (padded query rows still see real keys).
         Dream: positions are cumsum(mask) - 1 under padding and the mask is key AND query,
         so padded query rows come out as zeros (as torch's SDPA does for fully masked rows).
+        ``rope_dtype`` overrides the RoPE tables' dtype (calibration runs blocks in fp32 whatever
+        dtype the embeddings are held in).
         Returns (h0 [B, S, D], {"position_embeddings": (cos, sin), "attention_mask": m}).
         """
         cfg = self.config
@@ -226,7 +229,8 @@ class DiffusionLM(nn.Module):
                 position_ids = position_ids.masked_fill(~attention_mask, 1)
             else:
                 position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
-        rope_dtype = torch.float32 if cfg.rope_full_precision else h.dtype
+        if rope_dtype is None:
+            rope_dtype = torch.float32 if cfg.rope_full_precision else h.dtype
         cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, rope_dtype)
         sdpa_mask: torch.Tensor | None = None
         if attention_mask is not None:

@@ -5,7 +5,8 @@ Layout of a saved directory:
     config.json        the official model config (LLaDA / Dream keys) plus
                        "quantization_config": {format, method, bits, granularity, clip values,
                        method config, prior settings, package version, modules: {name: spec}}
-    model.safetensors  native tensor names: embeddings, norms, LM head (full precision) and per
+    model.safetensors  (or model-0000i-of-0000n.safetensors + model.safetensors.index.json
+                       when larger than one shard) native tensor names: embeddings, norms, LM head (full precision) and per
                        quantized linear ``<name>.linear.weight_packed`` uint8 [N, K/2] (int4,
                        low nibble = even column, see docs/kernels.md), ``.linear.weight_scale``
                        fp32 [N], ``.linear.bias``, ``.transform.left/right`` (online transforms)
@@ -24,7 +25,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -38,11 +39,13 @@ __all__ = [
     "quantized_specs",
     "quantization_block",
     "write_quantized_dir",
+    "DEFAULT_SHARD_BYTES",
     "read_quantization_block",
     "install_quant_modules",
 ]
 
 QUANT_FORMAT = "fair_calib_ext.packed.v1"
+DEFAULT_SHARD_BYTES = 1 << 30  # shard size of saved checkpoints: a save adds ~2x this (safetensors serializes a copy)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model")
 _SPEC_KEYS = ("in_features", "out_features", "bias", "w_bits", "a_bits", "act_clip")
@@ -83,11 +86,18 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_quantized_dir(out_dir: str | os.PathLike[str], config: dict[str, Any],
-                        tensors: dict[str, torch.Tensor], *, overwrite: bool = False,
-                        tokenizer_from: str | os.PathLike[str] | None = None,
-                        extra_files: dict[str, bytes | str] | None = None) -> Path:
-    """Write config.json (with its quantization block), model.safetensors, ``extra_files`` and
-    the tokenizer files of ``tokenizer_from`` into ``out_dir`` with one atomic rename."""
+                        tensors: dict[str, torch.Tensor] | Iterable[dict[str, torch.Tensor]], *,
+                        overwrite: bool = False, tokenizer_from: str | os.PathLike[str] | None = None,
+                        extra_files: dict[str, bytes | str] | None = None,
+                        max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write config.json (with its quantization block), the weights, ``extra_files`` and the
+    tokenizer files of ``tokenizer_from`` into ``out_dir`` with one atomic rename.
+
+    ``tensors`` is one dict or an iterable of dicts (pieces, gathered lazily): pieces are
+    grouped into shards of at most ``max_shard_bytes`` and each shard is written and released
+    before the next piece is gathered. One shard is ``model.safetensors``; more are named as
+    Hugging Face does, with ``model.safetensors.index.json``.
+    """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -96,7 +106,41 @@ def write_quantized_dir(out_dir: str | os.PathLike[str], config: dict[str, Any],
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        shards: list[Path] = []
+        wmap: dict[str, int] = {}
+        total = 0
+        pending: dict[str, torch.Tensor] = {}
+        size = 0
+
+        def flush() -> None:
+            nonlocal pending, size
+            if pending:
+                f = tmp / f"shard-{len(shards):05d}.part"
+                save_file(pending, str(f), metadata={"format": "pt"})
+                wmap.update({k: len(shards) for k in pending})
+                shards.append(f)
+            pending, size = {}, 0
+
+        for piece in ([tensors] if isinstance(tensors, dict) else tensors):
+            for k, t in piece.items():
+                nbytes = t.numel() * t.element_size()
+                if pending and size + nbytes > max_shard_bytes:
+                    flush()
+                pending[k] = t.contiguous()
+                size += nbytes
+                total += nbytes
+            del piece
+        flush()
+        if len(shards) == 1:
+            os.replace(shards[0], tmp / "model.safetensors")
+        else:
+            n = len(shards)
+            names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+            for f, name in zip(shards, names):
+                os.replace(f, tmp / name)
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {k: names[i] for k, i in sorted(wmap.items())}}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for fn, content in (extra_files or {}).items():
             (tmp / fn).write_bytes(content if isinstance(content, bytes) else content.encode())

@@ -22,6 +22,7 @@ import math
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -131,12 +132,24 @@ class _TrainLinear(nn.Module):
     def w_clip(self) -> torch.Tensor | float:
         return torch.sigmoid(self.w_clip_logit) if self.w_clip_logit is not None else self._block.w_clip
 
+    # weights at least this large recompute their folded, fake-quantized form in backward
+    # instead of keeping its ~4 intermediates: same values and gradients (the ops are
+    # deterministic), a full-width 8B block trains in ~4 fp32 copies of itself instead of ~10
+    RECOMPUTE_NUMEL = 1 << 20
+
+    def _folded_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        blk: FlatBlock = self._block
+        w, b = blk.weight_side(self.role, self.name, self.weight, self.bias)
+        return fake_quant(w, blk.w_bits, self.w_clip()), b
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         blk: FlatBlock = self._block
         xt = blk.act_side(self.role, x.float())
         xt = fake_quant(xt, blk.a_bits, blk.act_clip(self.role))
-        w, b = blk.weight_side(self.role, self.name, self.weight, self.bias)
-        w = fake_quant(w, blk.w_bits, self.w_clip())
+        if torch.is_grad_enabled() and self.weight.numel() >= self.RECOMPUTE_NUMEL:
+            w, b = torch.utils.checkpoint.checkpoint(self._folded_weight, use_reentrant=False)
+        else:
+            w, b = self._folded_weight()
         return F.linear(xt, w, b).to(x.dtype)
 
 

@@ -310,10 +310,12 @@ class PendingLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, w_bits: int, a_bits: int,
                  w_clip: float | torch.Tensor = 1.0, act_clip: float = 1.0,
-                 transform: OnlineTransform | None = None) -> None:
+                 transform: OnlineTransform | None = None, share: bool = False) -> None:
         super().__init__()
-        self.register_buffer("weight", weight.detach().float().clone())
-        self.register_buffer("bias", bias.detach().float().clone() if bias is not None else None)
+        # share=True: a read-only view of fp32 weights (a reference forward), no second copy
+        own = (lambda t: t.detach().float()) if share else (lambda t: t.detach().float().clone())
+        self.register_buffer("weight", own(weight))
+        self.register_buffer("bias", own(bias) if bias is not None else None)
         self.w_bits, self.a_bits = w_bits, a_bits
         if isinstance(w_clip, torch.Tensor):  # per-row clip travels with the module
             self.register_buffer("w_clip", w_clip.detach().float().clone())
