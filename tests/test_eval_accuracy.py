@@ -6,7 +6,6 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
 
 from fair_calib_ext.eval.accuracy import (
     decode_generation,

@@ -7,7 +7,6 @@ Prompts are sorted by token length, cut into batches and left-padded with an att
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
