@@ -119,37 +119,28 @@ class CheckpointTensors:
     def read(self, name: str, dtype: torch.dtype | None = None,
              device: str | torch.device = "cpu") -> torch.Tensor:
         """One tensor, in ``dtype`` (floating tensors only; None: as stored) on ``device``."""
-        from safetensors import SafetensorError
-
-        fpath = self._file[name]
-        try:
-            with _open(fpath) as fh:
-                t = fh.get_tensor(name)
-        except SafetensorError as exc:
-            raise CheckpointError(f"{fpath}: cannot read {name} ({exc})") from None
-        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-            t = t.to(dtype)
-        return t.to(device) if torch.device(device).type != "cpu" else t
+        return self.read_many([name], dtype=dtype, device=device)[name]
 
     def read_many(self, names: Iterable[str], dtype: torch.dtype | None = None,
                   device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        """Several tensors, each shard opened once for the ones it holds."""
+        """Several tensors, each shard opened once for the ones it holds (see :meth:`read`)."""
         from safetensors import SafetensorError
 
         by_file: dict[Path, list[str]] = {}
         for n in names:
             by_file.setdefault(self._file[n], []).append(n)
+        on_cpu = torch.device(device).type == "cpu"
         out: dict[str, torch.Tensor] = {}
         for fpath, group in by_file.items():
-            try:
-                with _open(fpath) as fh:
-                    for n in group:
+            with _open(fpath) as fh:
+                for n in group:
+                    try:
                         t = fh.get_tensor(n)
-                        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-                            t = t.to(dtype)
-                        out[n] = t.to(device) if torch.device(device).type != "cpu" else t
-            except SafetensorError as exc:
-                raise CheckpointError(f"{fpath}: cannot read {group} ({exc})") from None
+                    except SafetensorError as exc:
+                        raise CheckpointError(f"{fpath}: cannot read {n} ({exc})") from None
+                    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+                        t = t.to(dtype)
+                    out[n] = t if on_cpu else t.to(device)
         return out
 
     def fingerprint(self, names: Iterable[str] | None = None, rows: int = 8) -> str:
