@@ -289,9 +289,8 @@ def _check_budget(args: argparse.Namespace, mc: Any, cfg: Any, model_path: Path,
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from .calib import PositionPrior, build_aligned_data, build_stream_data, calibrate, probe_stats, save_quantized
-    from .calib.layerwise import peak_memory_mb
+    from .calib.layerwise import model_kernel_report, peak_memory_mb
     from .cli_common import check_out_dir, check_out_file, resolve_device, set_threads
-    from .quant.modules import kernel_path
     from .models import load_pretrained, load_tokenizer, parse_official_config, read_config, resolve_model_path
 
     t_start = time.time()
@@ -423,15 +422,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     # a run dir of another model/config, or a damaged one, is a ResumeError (one line, says how to discard)
+    # offload: each finished block stays in the run dir only (one block in memory, whatever the
+    # model's size); save_quantized reads them back before the run dir is removed
     calibrate(model, cfg, data, prior, device=device, act_dtype=act_dtype, run_dir=run_dir,
-              progress=not args.no_progress, log=log)
+              progress=not args.no_progress, log=log, offload=True)
     t_calib = time.time() - t0
     summary = {"event": "done", "model": str(args.model), "method": cfg.method, "bits": quant.name,
                "calib_format": fmt,
                "nsamples": args.nsamples, "seqlen": seqlen, "epochs": cfg.epochs if cfg.learns else 0,
                "prior_seconds": round(t_prior, 2), "calib_seconds": round(t_calib, 2),
                "total_seconds": round(time.time() - t_start, 2), **peak_memory_mb(device), "out": str(out),
-               "kernel_path": kernel_path(model)}
+               "kernel_path": model_kernel_report(model)["kernel_path"]}
     log(summary)
     extra_files["calib_log.jsonl"] = "".join(json.dumps(r) + "\n" for r in logs)
     save_quantized(model, out, overwrite=args.overwrite, tokenizer_from=model_path, extra_files=extra_files)

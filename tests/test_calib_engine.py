@@ -237,17 +237,55 @@ def test_resume_digest_identifies_the_model(tmp_path: Path) -> None:
     calibrate(build_model(tiny_config("llada"), seed=0, init_std=0.1), "rtn", ids, run_dir=run, progress=False)
 
 
+@pytest.mark.parametrize("offload", [False, True])
 @pytest.mark.parametrize("victim", ["block_0000.safetensors", "block_0000.json", "acts_0001.safetensors"])
-def test_truncated_resume_file_names_itself(tmp_path: Path, victim: str) -> None:
+def test_truncated_resume_file_names_itself(tmp_path: Path, victim: str, offload: bool) -> None:
     from fair_calib_ext.errors import ResumeError
 
     ids, run = _data(), tmp_path / "run"
     calibrate(build_model(tiny_config("llada"), seed=0, init_std=0.1), "rtn", ids, run_dir=run,
-              progress=False, stop_after=1)
+              progress=False, stop_after=1, offload=offload)
     f = run / victim
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(ResumeError, match=rf"{victim}.*delete {run}"):
-        calibrate(build_model(tiny_config("llada"), seed=0, init_std=0.1), "rtn", ids, run_dir=run, progress=False)
+        calibrate(build_model(tiny_config("llada"), seed=0, init_std=0.1), "rtn", ids, run_dir=run, progress=False,
+                  offload=offload)
+
+
+def _saved(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    return json.loads((path / "config.json").read_text()), load_file(str(path / "model.safetensors"))
+
+
+@pytest.mark.parametrize("method", ["rtn", "quarot+gptq", "fair"])
+def test_offloaded_blocks_save_the_same_checkpoint(tmp_path: Path, method: str) -> None:
+    """offload=True (what the CLI uses: one block in memory) writes exactly the checkpoint that
+    the in-memory run writes, also when it resumes from a run stopped half-way."""
+    ids = _data()
+    cfg = MethodConfig(method=method, epochs=1, batch_size=3)
+    prior = PositionPrior(torch.linspace(2.0, 0.5, 8), floor=0.1) if method == "fair" else None
+    ref = calibrate(build_model(tiny_config("llada", 3), seed=0, init_std=0.1), cfg, ids, prior, progress=False)
+    save_quantized(ref, tmp_path / "ref")
+    m = calibrate(build_model(tiny_config("llada", 3), seed=0, init_std=0.1), cfg, ids, prior, progress=False,
+                  run_dir=tmp_path / "run", offload=True)
+    assert all(p.is_meta for layer in m.layers for p in layer.parameters())  # nothing kept in memory
+    assert not any(isinstance(x, QuantLinear) for x in m.modules())
+    save_quantized(m, tmp_path / "off")
+    # stopped after one block, resumed: the first block is never read back into memory
+    calibrate(build_model(tiny_config("llada", 3), seed=0, init_std=0.1), cfg, ids, prior, progress=False,
+              run_dir=tmp_path / "run2", offload=True, stop_after=1)
+    m2 = calibrate(build_model(tiny_config("llada", 3), seed=0, init_std=0.1), cfg, ids, prior, progress=False,
+                   run_dir=tmp_path / "run2", offload=True)
+    save_quantized(m2, tmp_path / "res")
+    c_ref, t_ref = _saved(tmp_path / "ref")
+    for name in ("off", "res"):
+        c, t = _saved(tmp_path / name)
+        assert c == c_ref, name
+        assert t.keys() == t_ref.keys(), name
+        assert all(torch.equal(t[k], t_ref[k]) for k in t_ref), name
+    with pytest.raises(ValueError, match="run_dir"):
+        calibrate(build_model(tiny_config("llada", 1), seed=0, init_std=0.1), "rtn", ids, offload=True)
 
 
 def test_resume_files_fsynced_before_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

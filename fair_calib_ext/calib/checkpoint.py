@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..models.loading import load_quantized
+from .offload import offloaded_blocks
 from ..quant.checkpoint import (
     DEFAULT_SHARD_BYTES,
     QUANT_FORMAT,
@@ -45,15 +46,19 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike[str], *, overwri
     are written into the directory too (calibration log, prior), inside the same atomic rename.
     Tensors are gathered one top-level piece at a time (embeddings, each block, norm, head) and
     written in shards of at most ``max_shard_bytes`` (one ``model.safetensors`` when it all
-    fits), so saving an 8B model costs one shard of memory on top of the model.
+    fits), so saving an 8B model costs one shard of memory on top of the model. Blocks that
+    calibration offloaded (``calibrate(..., offload=True)``) are read back from its run dir.
     """
     from ..models import official_config
 
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
-    qconf = quantization_block(quantized_specs(model), getattr(model, "quantization_config", None),
-                               _package_version())
+    store = offloaded_blocks(model)
+    specs = quantized_specs(model)
+    for i in sorted(store.indices) if store is not None else ():
+        specs.update({f"layers.{i}.{nm}": spec for nm, spec in store.specs(i).items()})
+    qconf = quantization_block(specs, getattr(model, "quantization_config", None), _package_version())
     cfg = model.config
     tied = model.lm_head.weight is model.embed_tokens.weight
     off = official_config(cfg)
@@ -70,6 +75,10 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike[str], *, overwri
             subs = list(child.named_children()) if isinstance(child, nn.ModuleList) else [(None, child)]
             for sub, mod in subs:
                 prefix = cname if sub is None else f"{cname}.{sub}"
+                if cname == "layers" and store is not None and int(sub) in store.indices:
+                    piece = {f"{prefix}.{k}": t for k, t in store.state(int(sub)).items()}
+                    yield piece
+                    continue
                 piece = {f"{prefix}.{k}": t.detach().to("cpu").contiguous()
                          for k, t in mod.state_dict().items()}
                 if tied and cname == "lm_head":

@@ -35,10 +35,11 @@ from ..models.streaming import is_streamed_layer
 from ..models.weights import module_fingerprint
 from ..quant.checkpoint import quantized_specs
 from ..quant.gptq import GPTQ
-from ..quant.modules import PendingLinear, QuantLinear, kernel_report, kernels_available
+from ..quant.modules import PendingLinear, QuantLinear, kernel_path, kernel_report, kernels_available
 from ..quant.quantizer import quantize_ref
 from .data import CalibData, position_weights
 from .methods import BlockContext, MethodConfig, _linears, get_transform
+from .offload import OffloadedBlocks
 
 __all__ = ["calibrate", "weighted_mse", "weighted_loss", "peak_memory_mb", "quantized_specs", "weight_fingerprint"]
 
@@ -234,6 +235,27 @@ def _materialize(model: nn.Module, i: int, device: torch.device) -> nn.Module:
     return layer
 
 
+def _check_block_file(path: Path, specs: dict[str, Any]) -> None:
+    """A finished block's file has a readable header naming a tensor of every spec'd layer."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        keys = set(fh.keys())
+    missing = [nm for nm in specs if not any(k.startswith(nm + ".") for k in keys)]
+    if missing:
+        raise KeyError(f"no tensors for {missing[0]}")
+
+
+def model_kernel_report(model: nn.Module) -> dict[str, Any]:
+    """``kernel_report(model)``, counting the blocks offloaded to the run dir as they ran."""
+    rep = kernel_report(model)
+    store = getattr(model, "offloaded_blocks", None)
+    if store is not None and store.kernel_paths:
+        paths = {p for p in (rep["kernel_path"], *store.kernel_paths.values()) if p != "none"}
+        rep["kernel_path"] = "none" if not paths else paths.pop() if len(paths) == 1 else "mixed"
+    return rep
+
+
 def _rtn_reference_loss(layer: nn.Module, cfg: MethodConfig, lm: dict[str, Any], x: torch.Tensor, y: torch.Tensor,
                         pos_w: torch.Tensor, kw: dict[str, Any], device: torch.device, bs: int) -> float:
     """Loss of plain RTN (no transform) of this block: its linears are swapped for fake-quant
@@ -266,6 +288,7 @@ def calibrate(
     progress: bool = True,
     log: Callable[[dict[str, Any]], None] | None = None,
     stop_after: int | None = None,
+    offload: bool = False,
 ) -> nn.Module:
     """Quantize ``model`` in place, block by block, and return it.
 
@@ -277,10 +300,14 @@ def calibrate(
     run_dir: checkpoint after every block; an existing run with the same config and data
     resumes from its last finished block. ``stop_after``: return after that many blocks
     (used to test resumption). Only the current block is moved to ``device``; activations
-    stay on CPU in ``act_dtype``.
+    stay on CPU in ``act_dtype``. ``offload`` (needs ``run_dir``): each finished block is left
+    in the run dir only (see :mod:`~fair_calib_ext.calib.offload`), so calibration holds one
+    block of an 8B model; write the result with ``save_quantized`` before the run dir goes.
     """
     cfg = method if isinstance(method, MethodConfig) else MethodConfig(method=method)
     device = torch.device(device)
+    if offload and run_dir is None:
+        raise ValueError("offload=True keeps the finished blocks in run_dir: pass run_dir")
     cdata = data if isinstance(data, CalibData) else None
     if cdata is not None:
         data = cdata.ids
@@ -320,6 +347,9 @@ def calibrate(
     start = 0
     x_fp = x_q = None
     records: list[dict[str, Any]] = []  # block log records, kept in state.json for the final log
+    store = OffloadedBlocks(rd) if offload and rd is not None else None
+    if store is not None:
+        model.offloaded_blocks = store
     if rd is not None:
         rd.mkdir(parents=True, exist_ok=True)
         st_path = rd / "state.json"
@@ -335,8 +365,12 @@ def calibrate(
             start = int(st["done"])
             for i in range(start):
                 f_st, f_js = rd / f"block_{i:04d}.safetensors", rd / f"block_{i:04d}.json"
-                blk = _read_resume(rd, f_st, lambda: load_file(str(f_st)))
                 specs = _read_resume(rd, f_js, lambda: json.loads(f_js.read_text()))
+                if store is not None:  # left on disk: check it is whole now, not when it is saved
+                    _read_resume(rd, f_st, lambda: _check_block_file(f_st, specs))
+                    store.add(model, i)
+                    continue
+                blk = _read_resume(rd, f_st, lambda: load_file(str(f_st)))
                 _read_resume(rd, f_st, lambda: _install_block_state(model.layers[i], specs, blk))
                 _norm_like_to(model.layers[i], model_dtype)
             if start > 0:
@@ -395,6 +429,7 @@ def calibrate(
         if rd is not None:
             state = {k: v for k, v in layer.state_dict().items()}
             _atomic_save_tensors(state, rd / f"block_{i:04d}.safetensors")
+            del state
             _atomic_json(quantized_specs(layer), rd / f"block_{i:04d}.json")
             # fp_inputs: the student inputs are the FP ones (one tensor; safetensors refuses aliases)
             acts = {"x_fp": x_fp} if x_q is x_fp else {"x_fp": x_fp, "x_q": x_q}
@@ -404,12 +439,15 @@ def calibrate(
             old = rd / f"acts_{i:04d}.safetensors"
             if old.exists():
                 old.unlink()
+        if store is not None:
+            store.add(model, i, kernel_path(layer))
+            del layer
         if stop_after is not None and i + 1 >= stop_after and i + 1 < n_layers:
             return model
     if getattr(model, "layer_source", None) is not None:
         model.layer_source = None  # every block is built and quantized: the model stands alone
     log({"event": "summary", "method": cfg.method, "seconds": round(time.time() - t0, 3),
-         **peak_memory_mb(device), **kernel_report(model)})  # which int4 path the W4A4 layers use
+         **peak_memory_mb(device), **model_kernel_report(model)})  # which int4 path the W4A4 layers use
     model.quantization_config = {  # type: ignore[attr-defined]
         "method": cfg.method, "config": cfg.to_dict(),
         "prior": getattr(prior, "settings", None) if prior is not None and not isinstance(prior, torch.Tensor) else None,
