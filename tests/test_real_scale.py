@@ -37,7 +37,10 @@ import resource, runpy, sys
 mod = sys.argv[1]; sys.argv = [mod] + sys.argv[2:]
 rc = 0
 try:
-    runpy.run_module(mod, run_name="__main__", alter_sys=True)
+    if mod.startswith("runpy_path:"):
+        runpy.run_path(mod.split(":", 1)[1], run_name="__main__")
+    else:
+        runpy.run_module(mod, run_name="__main__", alter_sys=True)
 except SystemExit as e:
     rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
 sys.stderr.write("\\nPEAK_RSS_BYTES %d\\n" % (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
@@ -119,6 +122,8 @@ def test_calibrate_streams_blocks_and_never_holds_the_fp32_model(
         bound, what = s2.total, f"the Stage II estimate ({s2.describe()})"
     assert peak < bound, f"peak RSS {peak / GB:.2f} GB >= {bound / GB:.2f} GB, {what}"
     _check_quantized_and_sample(out, tmp_path, family, method)
+    if method == "rtn" and family == "llada":  # the larger vocabulary; the code paths are shared
+        _check_evaluate_and_lm_eval(shaped[family], out, tmp_path, family)
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
@@ -161,6 +166,41 @@ def _check_quantized_and_sample(out: Path, tmp: Path, family: str, method: str) 
     assert peak < bf16, f"sample --quantized peak RSS {peak / GB:.2f} GB >= the bf16 model {bf16 / GB:.2f} GB"
 
 
+_LM_EVAL = """
+import sys
+from lm_eval.api.instance import Instance
+from fair_calib_ext.eval.lm_eval_adapter import FairDLLM
+lm = FairDLLM(pretrained=sys.argv[1], dtype="bfloat16", device="cpu", mc_num="2", batch_size="2", gen_length="4",
+              steps="2", block_length="4")
+ll = lm.loglikelihood([Instance("loglikelihood", {}, ("Q: 2 + 3 = ? A:", " 5"), 0)], disable_tqdm=True)
+gen = lm.generate_until([Instance("generate_until", {}, ("Q: 2 + 3 = ? A:", {"until": ["Q:"]}), 0)],
+                        disable_tqdm=True)
+print("LL", ll[0][0], "GEN", repr(gen[0]))
+"""
+
+
+def _check_evaluate_and_lm_eval(model: Path, out: Path, tmp: Path, family: str) -> None:
+    """``evaluate --quantized`` (tasks, perplexity, mechanism metrics, small n) and the lm-eval
+    adapter run on the full-width quantized model next to its bf16 teacher."""
+    ev = tmp / "eval"
+    peak, stdout = _run(tmp, "fair_calib_ext.evaluate", "--model", str(model), "--quantized", str(out),
+                        "--dtype", "bfloat16", "--tasks", "add", "ppl", "metrics", "--n", "2", "--n-ppl", "2",
+                        "--n-metrics", "2", "--mc-num", "2", "--batch-size", "2", "--gen-length", "4", "--steps",
+                        "4", "--block-length", "4", "--out", str(ev), "--no-progress", "--device", "cpu")
+    rows = json.loads((ev / "results.json").read_text())["models"]
+    assert [r["label"] for r in rows] == ["FP", "q"] and rows[1]["kernel_path"] == "kernels"
+    assert "metrics" in rows[1] and "ppl" in json.dumps(rows[1])
+    # the bf16 teacher and the int4 model side by side stay below the model in fp32
+    fp32 = _param_bytes(family, 4)
+    assert peak < fp32, f"evaluate --quantized peak RSS {peak / GB:.2f} GB >= the fp32 model {fp32 / GB:.2f} GB"
+    script = tmp / "lm_eval_check.py"
+    script.write_text(_LM_EVAL)
+    peak, stdout = _run(tmp, "runpy_path:" + str(script), str(out))
+    assert "LL " in stdout and "GEN " in stdout, stdout
+    bf16 = _param_bytes(family, 2)
+    assert peak < bf16, f"lm-eval adapter peak RSS {peak / GB:.2f} GB >= the bf16 model {bf16 / GB:.2f} GB"
+
+
 @pytest.mark.parametrize("what,patch,needle", [
     ("memory", "available_memory", "needs about"),
     ("disk", "free_disk", "of disk"),
@@ -175,7 +215,7 @@ def test_calibrate_refuses_a_run_that_cannot_fit_before_reading_weights(
 
     monkeypatch.setattr(budget, patch, lambda *a: 3 << 30 if what == "memory" else 1 << 30)
     reads: list[str] = []
-    monkeypatch.setattr(weights.CheckpointTensors, "read", lambda self, n, *a, **k: reads.append(n))
+    monkeypatch.setattr(weights.CheckpointTensors, "read_many", lambda self, ns, *a, **k: reads.extend(ns))
     rc = calibrate_cli.main(["--model", str(shaped["llada"]), "--method", "rtn", "--nsamples", "4", "--seqlen", "64",
                              "--out", str(out), "--no-progress"])
     err = capsys.readouterr().err
