@@ -20,6 +20,15 @@ Steps (each a subprocess with its own time limit, all within one overall deadlin
 6. ``tiny``     ``python -m fair_calib_ext.calibrate --model tiny-llada --method fair --device
                 cuda`` on a few samples, then ``python -m fair_calib_ext.sample`` on the result.
 
+With ``--full-depth`` the plan is ``build`` (unless ``--skip-build``) and one step instead:
+
+7. ``llada8b-full``  a full 32-block LLaDA-8B-shaped checkpoint written to disk (16 GB, random
+                weights, official layout), ``python -m fair_calib_ext.calibrate --device cuda``
+                with ``rtn`` and with ``fair`` (small stated budgets: the GPU holds one block at a
+                time), peak GPU memory and time of each, then one forward at ``--seq``, the W4A4
+                checkpoint vs the bf16 one, both loaded on the GPU. Needs ~40 GB of free disk and
+                about 9 minutes; everything it wrote is deleted at the end.
+
 A step that would start after the overall deadline is marked skipped (and fails the check).
 
 Results go to ``--out`` (default ``gpu_check_results.md``): a summary table and each step's
@@ -43,6 +52,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TOTAL_BUDGET_S = 470.0  # the whole check, under the 8 minutes asked for on an H200
+FULL_DEPTH_BUDGET_S = 560.0  # --full-depth: under the 10 minutes one device call may run
+# small, stated budgets for the full-depth step (the CPU benchmark, python/bench_scale.py, uses the same)
+FULL_DEPTH_CALIB = {
+    "rtn": ["--nsamples", "8", "--seqlen", "128"],
+    "fair": ["--nsamples", "4", "--seqlen", "64", "--epochs", "1", "--n-probe", "4", "--probe-gen-length", "8",
+             "--probe-batch-size", "4"],
+}
 TAIL_CHARS = 4000
 
 
@@ -86,6 +102,11 @@ def plan(args: argparse.Namespace, work: Path) -> list[Step]:
               "--device", "cuda", "--nsamples", "8", "--seqlen", "64", "--epochs", "1", "--n-probe", "8",
               "--probe-batch-size", "8", "--out", str(tiny_out), "--overwrite", "--no-progress"], work),
     ]
+    if args.full_depth:
+        steps = [steps[0], Step("llada8b-full", FULL_DEPTH_BUDGET_S,
+                                "full-depth LLaDA-8B-shaped checkpoint: calibrate rtn and fair on CUDA, W4A4 vs bf16",
+                                [py, str(Path(__file__).resolve()), "--step", "llada8b-full", "--seq", str(args.seq),
+                                 "--work", str(work)], work)]
     if args.skip_build:
         steps = [s for s in steps if s.name != "build"]
     return steps
@@ -108,6 +129,9 @@ def validate_plan(steps: list[Step], work: Path) -> list[str]:
         from fair_calib_ext.calib import MethodConfig, calibrate  # noqa: F401
         from fair_calib_ext.models import ModelConfig, build_model  # noqa: F401
 
+        for m, budget in FULL_DEPTH_CALIB.items():
+            calibrate_cli._parser().parse_args(["--model", "x", "--method", m, "--device", "cuda", "--out", "q",
+                                                *budget])
         tiny = next((s for s in steps if s.name == "tiny"), None)
         if tiny is not None:
             calibrate_cli._parser().parse_args(tiny.cmd[3:])
@@ -187,11 +211,11 @@ def write_report(path: Path, info: dict, steps: list[Step], note: str | None) ->
         lines += ["", f"**{note}**"]
     lines += ["", "| step | what | status | seconds |", "|---|---|---|---|"]
     lines += [f"| {s.name} | {s.what} | {s.status} | {s.seconds:.0f} |" for s in steps]
-    big = next((s for s in steps if s.name == "llada8b" and s.result), None)
-    if big is not None:
-        r = big.result
-        lines += ["", "## LLaDA-8B-shaped blocks", "", "| measure | value |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in r.items()]
+    for name, title in (("llada8b", "LLaDA-8B-shaped blocks"), ("llada8b-full", "LLaDA-8B-shaped, full depth")):
+        big = next((s for s in steps if s.name == name and s.result), None)
+        if big is not None:
+            lines += ["", f"## {title}", "", "| measure | value |", "|---|---|"]
+            lines += [f"| {k} | {v} |" for k, v in big.result.items()]
     for s in steps:
         lines += ["", f"## {s.name}: {s.status}", "", "```", " ".join(map(str, s.cmd)), "```", "",
                   "```", s.output.strip() or "(no output)", "```"]
@@ -289,6 +313,76 @@ def step_llada8b(args: argparse.Namespace) -> int:
     return 0
 
 
+def step_llada8b_full(args: argparse.Namespace) -> int:
+    """Full depth from disk, as a user runs it: the CLIs on a written checkpoint, then a forward."""
+    import torch
+
+    from fair_calib_ext.models import load_pretrained
+    from fair_calib_ext.models.shaped import write_shaped_checkpoint
+
+    def emit(**kv: object) -> None:
+        print(json.dumps(kv), flush=True)
+
+    work = Path(args.work)
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    ckpt = work / "llada-8b"
+    try:
+        t0 = time.time()
+        write_shaped_checkpoint(ckpt, "llada-8b", layers=args.layers_full, overwrite=True)
+        emit(write_checkpoint_s=round(time.time() - t0, 1), layers=args.layers_full or 32)
+        for method, budget in FULL_DEPTH_CALIB.items():
+            out = work / f"q-{method}"
+            cmd = [sys.executable, "-m", "fair_calib_ext.calibrate", "--model", str(ckpt), "--method", method,
+                   "--device", str(dev), *budget, "--out", str(out), "--overwrite", "--no-progress"]
+            t0 = time.time()
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode != 0:
+                emit(**{f"calibrate_{method}": f"failed (exit {p.returncode})"})
+                print(p.stderr[-3000:], file=sys.stderr)
+                return 1
+            summary = json.loads(p.stdout.strip().splitlines()[-1])
+            emit(**{f"calibrate_{method}_s": round(time.time() - t0, 1),
+                    f"calibrate_{method}_peak_gpu_mib": round(summary.get("gpu_peak_alloc_mb", 0)),
+                    f"calibrate_{method}_peak_rss_mib": round(summary["cpu_peak_rss_mb"]),
+                    f"calibrate_{method}_kernel_path": summary.get("kernel_path")})
+            if method != "rtn":
+                shutil.rmtree(out, ignore_errors=True)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randint(0, 1000, (1, args.seq), generator=gen).to(dev)
+        times = {}
+        for label, path in (("bf16", ckpt), ("W4A4", work / "q-rtn")):
+            t0 = time.time()
+            m = load_pretrained(path, dtype=torch.bfloat16, device=dev)
+            load_s = time.time() - t0
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            with torch.no_grad():
+                m(x)
+                ts = []
+                for _ in range(3):
+                    if cuda:
+                        torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    m(x)
+                    if cuda:
+                        torch.cuda.synchronize()
+                    ts.append(time.perf_counter() - t)
+            times[label] = sorted(ts)[1]
+            emit(**{f"load_{label}_s": round(load_s, 1), f"forward_{label}_ms": round(times[label] * 1e3, 1),
+                    f"forward_{label}_peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None})
+            del m
+            if cuda:
+                torch.cuda.empty_cache()
+        emit(forward_W4A4_vs_bf16=f"{times['bf16'] / times['W4A4']:.2f}x", seq=args.seq)
+        return 0
+    finally:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        for p in work.glob("q-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -299,22 +393,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=2, help="decoder layers of the LLaDA-8B-shaped model")
     ap.add_argument("--calib-samples", type=int, default=4)
     ap.add_argument("--calib-seqlen", type=int, default=256)
-    ap.add_argument("--step", choices=["llada8b"], default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # --step llada8b only
+    ap.add_argument("--full-depth", action="store_true",
+                    help="instead of the default steps: a full 32-block LLaDA-8B-shaped checkpoint through calibrate "
+                         "(rtn, fair) on CUDA and a W4A4 vs bf16 forward (~9 min, ~40 GB of disk)")
+    ap.add_argument("--step", choices=["llada8b", "llada8b-full"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # --step only
     ap.add_argument("--shrink", type=int, default=1, help=argparse.SUPPRESS)  # CPU smoke test
+    ap.add_argument("--work", default=None, help=argparse.SUPPRESS)  # --step llada8b-full
+    ap.add_argument("--layers-full", type=int, default=None, help=argparse.SUPPRESS)  # CPU smoke test
     args = ap.parse_args(argv)
     if args.step == "llada8b":
         return step_llada8b(args)
+    if args.step == "llada8b-full":
+        return step_llada8b_full(args)
 
     out = Path(args.out).resolve()
     work = Path(tempfile.mkdtemp(prefix="fair_gpu_check_"))
     steps = plan(args, work)
+    budget_s = FULL_DEPTH_BUDGET_S if args.full_depth else TOTAL_BUDGET_S
     if args.dry_run:
         problems = validate_plan(steps, work)
         total = sum(s.budget_s for s in steps)
         for s in steps:
             print(f"[{s.name}] <= {s.budget_s:.0f} s, cwd {s.cwd}: {' '.join(map(str, s.cmd))}")
-        print(f"plan: {len(steps)} steps, budgets sum {total:.0f} s, overall deadline {TOTAL_BUDGET_S:.0f} s")
+        print(f"plan: {len(steps)} steps, budgets sum {total:.0f} s, overall deadline {budget_s:.0f} s")
         shutil.rmtree(work, ignore_errors=True)
         if problems:
             print("plan problems:\n  " + "\n  ".join(problems))
@@ -332,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_check: refused: {why} (wrote {out})", file=sys.stderr)
         return 2
 
-    deadline = time.monotonic() + TOTAL_BUDGET_S
+    deadline = time.monotonic() + budget_s
     env = dict(os.environ)
     env.setdefault("TORCH_CUDA_ARCH_LIST", info["capability"])  # build only this GPU's arch
     env.setdefault("MAX_JOBS", str(os.cpu_count() or 4))

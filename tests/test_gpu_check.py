@@ -49,3 +49,11 @@ def test_llada8b_step_code_runs_on_cpu_shrunk(tmp_path):
                 "--calib-samples", "2", "--calib-seqlen", "16"], tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     assert '"calib_s_per_block": [' in res.stdout and '"forward_finite": true' in res.stdout
+
+
+def test_full_depth_plan_validates(tmp_path):
+    """--full-depth swaps the default steps for the full 32-block checkpoint step; its calibrate
+    budgets parse with the real CLI parser (validate_plan)."""
+    res = _run(["--dry-run", "--full-depth"], tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "[llada8b-full]" in res.stdout and "[tiny]" not in res.stdout and "plan ok" in res.stdout

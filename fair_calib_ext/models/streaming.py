@@ -12,7 +12,6 @@ the compute device), quantizes it, and keeps only the quantized block. Two sourc
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from typing import Protocol
 
@@ -78,7 +77,13 @@ class ModuleLayerSource:
         self.model = model
 
     def load(self, index: int, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
-        return copy.deepcopy(self.model.layers[index]).to(device=device, dtype=dtype)
+        # converted tensor by tensor: no same-dtype deepcopy of the block before the widening
+        src = self.model.layers[index]
+        with torch.device("meta"):
+            layer = DecoderLayer(self.model.config)
+        layer.load_state_dict({k: v.detach().to(device=device, dtype=dtype, copy=True)
+                               for k, v in src.state_dict().items()}, strict=True, assign=True)
+        return layer
 
     def block_bytes(self, index: int, dtype: torch.dtype) -> int:
         return sum(p.numel() for p in self.model.layers[index].parameters()) * dtype.itemsize
