@@ -128,7 +128,7 @@ class KVCache:
         self.layers = layers
 
     @classmethod
-    def empty(cls, num_layers: int) -> "KVCache":
+    def empty(cls, num_layers: int) -> KVCache:
         """A cache to be filled by the next full forward."""
         return cls([LayerKV() for _ in range(num_layers)])
 
@@ -138,7 +138,7 @@ class KVCache:
         k = self.layers[0].k if self.layers else None
         return 0 if k is None else int(k.shape[2])
 
-    def prefix(self, n: int) -> "KVCache":
+    def prefix(self, n: int) -> KVCache:
         """The entries of positions [0, n) only (Fast-dLLM's prefix cache); views, not copies."""
         if any(lk.k is None or lk.v is None for lk in self.layers):
             raise ValueError("prefix() of an empty KV cache")

@@ -14,7 +14,7 @@ Written from the public NVlabs/Fast-dLLM samplers (their semantics, quirks inclu
   >= threshold and always the most confident one. A block ends once it has no mask left, so
   a threshold block usually takes fewer steps than ``steps / num_blocks``. With a cache, no
   completion check follows step 0: a block completed there costs one more (empty) forward; the
-  schedule's counts beyond ``steps / num_blocks`` are zero.
+  count schedule ends a block after ``steps / num_blocks`` steps.
 * **Dream family** (``dream/model/generation_utils_block.py``, the block ``_sample`` with
   ``dual_cache`` and ``alg``). A block starts with a forward over the whole sequence that fills
   the cache and commits the block's *first* position with its top candidate, whatever its
@@ -27,13 +27,18 @@ Written from the public NVlabs/Fast-dLLM samplers (their semantics, quirks inclu
   ``steps_per_block - 1``, and the block stops at index ``steps_per_block`` even with masks left
   (so with one step per block only the first position is ever committed).
 
-``cache=None`` with a threshold runs the same loops with a full forward at every step. The loops
+``cache=None`` with a threshold runs the same loops with a full forward at every step.
+
+A candidate equal to [MASK] (which trained models do not predict, tiny random ones do) is
+committed as Fast-dLLM does, leaving its position masked. Where Fast-dLLM would then never end
+(a deterministic threshold step that changed nothing repeats forever) or index past its count
+schedule (LLaDA), the block ends with the mask left, as the default sampler's last step would. The loops
 are batch 1, as Fast-dLLM's; :func:`~fair_calib_ext.sampling.generate` decodes a batch row by row.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +46,7 @@ import torch.nn.functional as F
 from ..models.transformer import KVCache, align_logits
 from .trace import DecodeStats, Trace
 
-__all__ = ["CACHE_MODES", "fast_llada", "fast_dream"]
+__all__ = ["CACHE_MODES", "fast_dream", "fast_llada"]
 
 CACHE_MODES = ("prefix", "dual")
 NEG_INF = float("-inf")
@@ -167,12 +172,18 @@ def fast_llada(
     callback: Callable[[int, torch.Tensor], None] | None, stop_ids: torch.Tensor | None, fill_id: int,
 ) -> torch.Tensor:
     """Fast-dLLM's LLaDA loops on ``x`` [1, P + G] (prompt then masks), in place; returns x."""
-    from .generate import _fill_after_stop, _record_after, _rows_finished, num_transfer_tokens
+    from .generate import (
+        _fill_after_stop,
+        _record_after,
+        _rows_finished,
+        num_transfer_tokens,
+    )
 
     num_blocks = gen_length // block_length
     steps_per_block = steps // num_blocks
     count = _Counter(stats, trace)
     length = x.shape[1]
+    deterministic = temperature == 0 and remasking == "low_confidence"
     for b in range(num_blocks):
         lo, hi = p + b * block_length, p + (b + 1) * block_length
         counts = num_transfer_tokens((x[:, lo:hi] == mask_id).sum(1), steps_per_block)[0].tolist()
@@ -199,9 +210,15 @@ def fast_llada(
             if callback is not None:
                 callback(count.n - 1, x)
             i += 1
-            # Fast-dLLM checks for completion after every step except a cached block's step 0
-            if (i > 1 or cache is None) and not bool((x[:, lo:hi] == mask_id).any()):
+            left = int((x[:, lo:hi] == mask_id).sum())
+            if i == 1 and cache is not None and (threshold is not None or steps_per_block > 1):
+                continue  # Fast-dLLM checks nothing after a cached block's step 0
+            if left == 0:
                 break
+            if threshold is None and i >= steps_per_block:
+                break  # the schedule is used up (only when [MASK] was committed; Fast-dLLM indexes past it)
+            if threshold is not None and deterministic and left == int(mask_index.sum()):
+                break  # every commit was [MASK]: Fast-dLLM would repeat this very step forever
         if stop_ids is not None and _rows_finished(x, p, mask_id, stop_ids):
             _fill_after_stop(x, p, mask_id, fill_id)
             break
@@ -220,7 +237,13 @@ def fast_dream(
     stop_ids: torch.Tensor | None, fill_id: int,
 ) -> torch.Tensor:
     """Fast-dLLM's Dream block sampler on ``x`` [1, P + G], in place; returns x."""
-    from .generate import _dream_candidates, _fill_after_stop, _record_after, _rows_finished, dream_timesteps
+    from .generate import (
+        _dream_candidates,
+        _fill_after_stop,
+        _record_after,
+        _rows_finished,
+        dream_timesteps,
+    )
 
     num_blocks = gen_length // block_length
     steps_per_block = steps // num_blocks
@@ -264,8 +287,12 @@ def fast_dream(
                 full[~in_block] = NEG_INF
                 cand = torch.full_like(xw, mask_id)
                 cand[mask_index] = x0
-                idx = _select(full[0], int((x[:, lo:hi] == mask_id).sum()), threshold)
+                n_left = int((x[:, lo:hi] == mask_id).sum())
+                idx = _select(full[0], n_left, threshold)
                 xw[0, idx] = cand[0, idx]
+                if n_left and temperature == 0 and int((x[:, lo:hi] == mask_id).sum()) == n_left:
+                    after(before)
+                    break  # every commit was [MASK]: Fast-dLLM would repeat this very step forever
             else:
                 if i == steps_per_block:  # Dream's block loop stops here, masks left or not
                     after(before)

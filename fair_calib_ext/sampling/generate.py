@@ -380,10 +380,12 @@ def _generate_fast(
         x[0, :n] = row
         if trace is not None:
             trace.prompt_len = n
-        common = dict(p=n, gen_length=gen_length, steps=steps, block_length=block_length,
-                      temperature=temperature, cache=cache, threshold=threshold, mask_id=mask_id,
-                      generator=generator, trace=trace, stats=stats, callback=callback, stop_ids=stop_ids,
-                      fill_id=fill_id)
+        common: dict[str, Any] = {
+            "p": n, "gen_length": gen_length, "steps": steps, "block_length": block_length,
+            "temperature": temperature, "cache": cache, "threshold": threshold, "mask_id": mask_id,
+            "generator": generator, "trace": trace, "stats": stats, "callback": callback,
+            "stop_ids": stop_ids, "fill_id": fill_id,
+        }
         if family == "dream":
             fast.fast_dream(model, x, top_p=top_p, top_k=top_k, alg_temp=alg_temp, eps=eps, **common)
         else:

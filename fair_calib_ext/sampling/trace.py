@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Trace", "TRACE_FIELDS", "DecodeStats"]
+__all__ = ["TRACE_FIELDS", "DecodeStats", "Trace"]
 
 TRACE_FIELDS = ("canvas", "masked", "commit", "tokens", "top1", "prob", "entropy", "margin")
 
