@@ -533,3 +533,27 @@ def test_trace_needs_one_row(models):
     with pytest.raises(ValueError, match="trace needs a batch of one"):
         generate(models["llada"], torch.randint(3, 90, (2, 4)), gen_length=8, steps=8, cache="dual",
                  trace=Trace())
+
+
+def test_settings_resolve_fast_flags():
+    from fair_calib_ext.errors import UsageError
+    from fair_calib_ext.sampling.settings import (
+        check_fast_for_family,
+        resolve_sampler_settings,
+    )
+
+    st = resolve_sampler_settings(gen_length=16, steps=16, block_length=8, cache="none", threshold="0.9")
+    assert st.cache is None and st.threshold == 0.9 and st.fast
+    assert not resolve_sampler_settings(gen_length=16, steps=16, block_length=None).fast
+    assert resolve_sampler_settings(gen_length=16, steps=16, block_length=None, cache="prefix").cache == "prefix"
+    for kw, match in [({"cache": "full"}, "--cache must be one of"), ({"threshold": 0}, "--threshold must be in"),
+                      ({"threshold": "x"}, "--threshold must be a number"), ({"threshold": float("inf")}, "in")]:
+        with pytest.raises(UsageError, match=match):
+            resolve_sampler_settings(gen_length=16, steps=16, block_length=8, **kw)
+    st = resolve_sampler_settings(gen_length=16, steps=16, block_length=None, cache="dual")
+    with pytest.raises(UsageError, match="need --block-length"):
+        check_fast_for_family(st, "dream")
+    check_fast_for_family(st, "llada", "low_confidence")
+    with pytest.raises(UsageError, match="--remasking must be entropy"):
+        resolve_sampler_settings(gen_length=16, steps=16, block_length=8, cache="dual", remasking="margin",
+                                 family="dream")
