@@ -502,6 +502,35 @@ def test_batch_is_decoded_row_by_row(models):
     assert st.nfe == nfe
 
 
+def test_callback_sees_the_row_in_the_callers_layout(models):
+    from fair_calib_ext.sampling import left_pad
+
+    ids, mask = left_pad([[5, 6, 7, 8], [9, 10]], 2)
+    seen = []
+    out = generate(models["llada"], ids, attention_mask=mask, gen_length=8, steps=8, block_length=4, cache="dual",
+                   callback=lambda t, x: seen.append(x.clone()))
+    assert len(seen) == 16 and all(x.shape == (1, 12) for x in seen)
+    assert torch.equal(seen[7][0], out[0]) and torch.equal(seen[-1][0], out[1])  # each row's last step
+    assert torch.equal(seen[8][0, :4], ids[1])  # the second row keeps its left padding
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_stop_at_eos_after_a_block(models, family):
+    """stop_at_eos: once a completed block holds a stop token with no mask before it, the rest is
+    filled with it and no more forwards run."""
+    model = models[family]
+    rm = "low_confidence" if family == "llada" else "entropy"
+    kw = {"gen_length": 16, "steps": 8, "block_length": 8, "remasking": rm, "cache": "prefix", "threshold": 0.3}
+    free = generate(model, _prompt(0), **kw)
+    stop = int(free[0, 6])  # the first generated token
+    st = DecodeStats()
+    out = generate(model, _prompt(0), stop_at_eos=True, stop_token_ids=[stop], stats=st, **kw)
+    assert torch.equal(out[0, :14], free[0, :14]) and (out[0, 14:] == stop).all()
+    full = DecodeStats()
+    generate(model, _prompt(0), stats=full, **kw)
+    assert st.nfe < full.nfe
+
+
 # ---------------------------------------------------------------------------- validation
 
 

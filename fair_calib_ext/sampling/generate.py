@@ -380,10 +380,15 @@ def _generate_fast(
         x[0, :n] = row
         if trace is not None:
             trace.prompt_len = n
+        row_callback = None
+        if callback is not None:
+            def row_callback(t: int, xr: torch.Tensor, r: int = r, n: int = n) -> None:
+                out[r, p:] = xr[0, n:]  # the caller sees its own layout: [1, P + G], padding kept
+                callback(t, out[r:r + 1])
         common: dict[str, Any] = {
             "p": n, "gen_length": gen_length, "steps": steps, "block_length": block_length,
             "temperature": temperature, "cache": cache, "threshold": threshold, "mask_id": mask_id,
-            "generator": generator, "trace": trace, "stats": stats, "callback": callback,
+            "generator": generator, "trace": trace, "stats": stats, "callback": row_callback,
             "stop_ids": stop_ids, "fill_id": fill_id,
         }
         if family == "dream":
@@ -457,7 +462,8 @@ def generate(
     (needs ``block_length``; remasking "entropy", replaced by the threshold rule when one is
     given; top_p/top_k/alg_temp/eps as for the dream schedule). Without a cache each step runs
     the whole sequence. Batch 1 as in Fast-dLLM: a batch is decoded row by row (its padding
-    dropped per row; ``callback`` then sees one row, and ``trace`` needs B = 1). Not with
+    dropped per row; ``callback`` then sees the row being decoded, [1, P + G] with its padding,
+    and ``trace`` needs B = 1). Not with
     ``cfg_scale``, ``schedule``, ``logits_eos_inf`` or ``confidence_eos_eot_inf``.
     ``cache=None, threshold=None`` is the sampler above, unchanged.
     """
