@@ -100,9 +100,17 @@ def _counts(block_mask: torch.Tensor, steps: int) -> torch.Tensor:
     return out
 
 
-def ref_transfer(logits, mask_index, x, k, threshold):
-    """get_transfer_index at temperature 0 with low_confidence."""
-    x0 = torch.argmax(logits, dim=-1)
+def gumbel(logits, temperature):
+    """LLaDA's float64 Gumbel-max noise (global RNG); the logits themselves at temperature 0."""
+    if temperature == 0:
+        return logits
+    l64 = logits.to(torch.float64)
+    return l64.exp() / (-torch.log(torch.rand_like(l64, dtype=torch.float64))) ** temperature
+
+
+def ref_transfer(logits, mask_index, x, k, threshold, temperature=0.0):
+    """get_transfer_index with low_confidence."""
+    x0 = torch.argmax(gumbel(logits, temperature), dim=-1)
     p = F.softmax(logits.to(torch.float64), dim=-1)
     x0_p = torch.gather(p, -1, x0[..., None]).squeeze(-1)
     x0 = torch.where(mask_index, x0, x)
@@ -121,7 +129,7 @@ def ref_transfer(logits, mask_index, x, k, threshold):
 
 
 @torch.no_grad()
-def ref_llada(model, prompt, *, steps, gen_length, block_length, cache, threshold):
+def ref_llada(model, prompt, *, steps, gen_length, block_length, cache, threshold, temperature=0.0):
     """Returns (ids, nfe)."""
     inj = Injector(model)
     p = prompt.shape[1]
@@ -143,7 +151,7 @@ def ref_llada(model, prompt, *, steps, gen_length, block_length, cache, threshol
                     before = int(mask_index.sum())
                     logits = inj.full(x)
                     x0, tr = ref_transfer(logits, mask_index, x, counts[:, i] if threshold is None else None,
-                                          threshold)
+                                          threshold, temperature)
                     x[tr] = x0[tr]
                     i += 1
                     left = int((x[:, s:e] == MASK).sum())
@@ -157,7 +165,8 @@ def ref_llada(model, prompt, *, steps, gen_length, block_length, cache, threshol
             nfe += 1
             mask_index = x == MASK
             mask_index[:, e:] = False
-            x0, tr = ref_transfer(logits, mask_index, x, counts[:, 0] if threshold is None else None, threshold)
+            x0, tr = ref_transfer(logits, mask_index, x, counts[:, 0] if threshold is None else None, threshold,
+                                  temperature)
             x[tr] = x0[tr]
             ws, we = (s, x.shape[1]) if cache == "prefix" else (s, e)
             i = 1
@@ -170,7 +179,10 @@ def ref_llada(model, prompt, *, steps, gen_length, block_length, cache, threshol
                 mask_index[:, block_length:] = False
                 before = int(mask_index.sum())
                 logits = inj.window(x, ws, we)
-                x0, tr = ref_transfer(logits, mask_index, xw, counts[:, i] if threshold is None else None, threshold)
+                if cache == "prefix":
+                    torch.argmax(gumbel(logits, temperature), dim=-1)  # their prefix loop's extra, unused draw
+                x0, tr = ref_transfer(logits, mask_index, xw, counts[:, i] if threshold is None else None, threshold,
+                                      temperature)
                 xw[tr] = x0[tr]
                 left = int((x[:, s:e] == MASK).sum())
                 if left == 0 or (threshold is not None and left == before):
@@ -298,6 +310,21 @@ def test_llada_matches_fast_dllm(models, gen, steps, block, cache, threshold):
                        remasking="low_confidence", cache=cache, threshold=threshold, stats=st)
         assert torch.equal(got, want), (seed, got[0, 6:].tolist(), want[0, 6:].tolist())
         assert st.nfe == nfe
+
+
+@pytest.mark.parametrize("cache,threshold", MODES)
+def test_llada_sampling_matches_fast_dllm(models, cache, threshold):
+    """Temperature > 0: Gumbel noise drawn where (and as often as) Fast-dLLM draws it, global RNG."""
+    model = tiny_model("llada", seed=11, init_std=0.2)
+    prompt = _prompt(5)
+    torch.manual_seed(7)
+    want, nfe = ref_llada(model, prompt, steps=8, gen_length=16, block_length=8, cache=cache, threshold=threshold,
+                          temperature=0.7)
+    torch.manual_seed(7)
+    st = DecodeStats()
+    got = generate(model, prompt, gen_length=16, steps=8, block_length=8, temperature=0.7, cache=cache,
+                   threshold=threshold, stats=st)
+    assert torch.equal(got, want) and st.nfe == nfe
 
 
 @pytest.mark.parametrize("gen,steps,block", SETTINGS)

@@ -14,7 +14,8 @@ Written from the public NVlabs/Fast-dLLM samplers (their semantics, quirks inclu
   >= threshold and always the most confident one. A block ends once it has no mask left, so
   a threshold block usually takes fewer steps than ``steps / num_blocks``. With a cache, no
   completion check follows step 0: a block completed there costs one more (empty) forward; the
-  count schedule ends a block after ``steps / num_blocks`` steps.
+  count schedule ends a block after ``steps / num_blocks`` steps. At temperature > 0 the prefix
+  loop draws one extra, unused Gumbel noise per window step, as Fast-dLLM's does (seeded runs match).
 * **Dream family** (``dream/model/generation_utils_block.py``, the block ``_sample`` with
   ``dual_cache`` and ``alg``). A block starts with a forward over the whole sequence that fills
   the cache and commits the block's *first* position with its top candidate, whatever its
@@ -174,6 +175,7 @@ def fast_llada(
     """Fast-dLLM's LLaDA loops on ``x`` [1, P + G] (prompt then masks), in place; returns x."""
     from .generate import (
         _fill_after_stop,
+        _rand,
         _record_after,
         _rows_finished,
         num_transfer_tokens,
@@ -198,6 +200,9 @@ def fast_llada(
             else:
                 ws, we = _window(length, lo, hi, cache)
                 logits = _window_logits(model, x, ws, we, kv, shift)
+                if cache == "prefix" and temperature > 0:
+                    # Fast-dLLM's prefix loop draws (and discards) one extra Gumbel noise per step
+                    _rand(logits.shape, generator, logits.device, torch.float64)
             count.tick()
             xw = x[:, ws:ws + logits.shape[1]]  # a view: commits below write into x
             _record_before(trace, x, logits, ws, p, mask_id)
