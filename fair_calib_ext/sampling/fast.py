@@ -47,9 +47,8 @@ import torch.nn.functional as F
 from ..models.transformer import KVCache, align_logits
 from .trace import DecodeStats, Trace
 
-__all__ = ["CACHE_MODES", "fast_dream", "fast_llada"]
+__all__ = ["fast_dream", "fast_llada"]
 
-CACHE_MODES = ("prefix", "dual")
 NEG_INF = float("-inf")
 
 

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UsageError
-from .generate import _ALIASES, REMASKING
+from .generate import _ALIASES, CACHE_CHOICES, REMASKING
 
 __all__ = ["CACHE_FLAG_CHOICES", "SamplerSettings", "check_fast_for_family", "resolve_sampler_settings"]
 
-CACHE_FLAG_CHOICES = ("none", "prefix", "dual")  # --cache / cache= spellings; "none" means None
+CACHE_FLAG_CHOICES = ("none", *(c for c in CACHE_CHOICES if c))  # --cache / cache= spellings; none: None
 
 
 @dataclass(frozen=True)
