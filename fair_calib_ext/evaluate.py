@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--block-length", type=int, default=None)
     p.add_argument("--remasking", default=None, help="sampler remasking rule (default per family)")
+    p.add_argument("--cache", default=None, choices=("none", "prefix", "dual"),
+                   help="Fast-dLLM approximate KV cache for the task decoding (default none; needs block-wise "
+                        "decoding: Dream models need --block-length); not with the 'metrics' task")
+    p.add_argument("--threshold", type=float, default=None, metavar="T",
+                   help="Fast-dLLM parallel decoding: commit every masked position of the block with "
+                        "confidence >= T (0 < T <= 1), at least one per step")
     p.add_argument("--prompt-bos", action="store_true", help="prepend the tokenizer's BOS to task prompts")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
@@ -74,7 +80,7 @@ def _check_args(a: argparse.Namespace) -> None:
         if getattr(a, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
     try:
-        expand_tasks(a.tasks)
+        _, _, want_metrics = expand_tasks(a.tasks)
     except ValueError as exc:  # expand_tasks names the unknown task and the valid ones
         raise UsageError(f"--tasks: {exc}") from None
     if a.labels is not None and len(a.labels) != len(a.quantized):
@@ -87,10 +93,25 @@ def _check_args(a: argparse.Namespace) -> None:
             raise UsageError(f"--quantized {d}: no such directory")
         require_quantized(d)
     # the same validation as `sample` (one shared resolver): nothing is silently replaced
-    resolve_sampler_settings(gen_length=a.gen_length, steps=a.steps, block_length=a.block_length,
-                             remasking=a.remasking, generation_config=load_generation_config(a.model),
-                             default_gen_length=GEN_LENGTH)
+    st = resolve_sampler_settings(gen_length=a.gen_length, steps=a.steps, block_length=a.block_length,
+                                  remasking=a.remasking, generation_config=load_generation_config(a.model),
+                                  default_gen_length=GEN_LENGTH, cache=a.cache, threshold=a.threshold,
+                                  family=_family(a.model))
+    if st.fast and want_metrics:
+        raise UsageError("--cache/--threshold apply to the task decoding; the 'metrics' task compares models "
+                         "one full forward per step: pass --tasks without metrics (e.g. --tasks suite ppl)")
     check_out_dir(a.out, overwrite=a.overwrite)
+
+
+def _family(model: str) -> str | None:
+    """The model family from config.json ("dream" / "llada"), None when it cannot be read here."""
+    from fair_calib_ext.models import read_config, resolve_model_path
+
+    try:
+        mt = str(read_config(resolve_model_path(model)).get("model_type", "")).lower()
+    except (OSError, ValueError):
+        return None
+    return {"dream": "dream", "llada": "llada"}.get(mt)
 
 
 def _find_prior(qdir: str) -> list[float] | None:
@@ -134,7 +155,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         teacher = load_pretrained(a.model, dtype=dtype, device=ctx.device)
         tok = load_tokenizer(a.model)
         gen = default_gen_kwargs(teacher, gen_length=a.gen_length, steps=a.steps, block_length=a.block_length,
-                                 remasking=a.remasking, generation_config=load_generation_config(a.model))
+                                 remasking=a.remasking, generation_config=load_generation_config(a.model),
+                                 cache=a.cache, threshold=a.threshold)
         prefix = [tok.bos_token_id] if a.prompt_bos and tok.bos_token_id is not None else []
         common = dict(tasks=suite, want_ppl=want_ppl, want_metrics=want_metrics, n=a.n, n_ppl=a.n_ppl,
                       n_metrics=a.n_metrics, seed=a.seed, mc_num=a.mc_num, batch_size=a.batch_size,
@@ -175,7 +197,8 @@ def _write_outputs(out_dir: str, results: dict[str, Any], table: str, want_metri
     g = results["gen_kwargs"]
     header = (f"gen_length {g['gen_length']}, steps {g['steps']}, block {g['block_length']}, "
               f"remasking {g['remasking']}, T = {g['temperature']}, mc_num {results['config']['mc_num']}, "
-              f"seed {results['config']['seed']}\n\n")
+              f"seed {results['config']['seed']}"
+              + (f", cache {g['cache'] or 'none'}, threshold {g['threshold']}" if "cache" in g else "") + "\n\n")
     (out / "results.md").write_text(header + table + "\n")
     plots = []
     rows = results["models"]

@@ -6,6 +6,7 @@ Examples::
     python -m fair_calib_ext.sample --model /ckpt/LLaDA-8B-Instruct --chat --dtype bfloat16 \\
         --prompt "What is 7 * 8?" --gen-length 64 --steps 64 --block-length 32
     python -m fair_calib_ext.sample --quantized runs/llada-w4a4 --prompt "..." --show-steps
+    python -m fair_calib_ext.sample --gen-length 32 --steps 32 --block-length 8 --cache dual --threshold 0.9
 
 Bad input (missing directory, inconsistent lengths, prompt longer than the context, a
 full-precision dir given as ``--quantized``) prints one ``error:`` line and exits with status 2.
@@ -57,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Dream schedule only; default: generation_config.json, else 50 as in the official "
                         "Dream code; 0 = no truncation")
     p.add_argument("--alg-temp", type=float, default=None, help="Dream schedule only")
+    p.add_argument("--cache", default=None, choices=("none", "prefix", "dual"),
+                   help="Fast-dLLM approximate KV cache per block: prefix (keys/values before the block) or "
+                        "dual (also after it; only the block is recomputed); default none. Needs block-wise "
+                        "decoding (Dream: --block-length)")
+    p.add_argument("--threshold", type=float, default=None, metavar="T",
+                   help="Fast-dLLM parallel decoding: commit every masked position of the current block whose "
+                        "confidence is >= T (0 < T <= 1), at least one per step")
     p.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=None,
                    help="stop once every row has EOS/EoT after a completed block "
                         "(default: on with --chat or a tokenizer chat template)")
@@ -130,8 +138,8 @@ def run(args: argparse.Namespace) -> int:
 
     from .cli_common import require_quantized, resolve_device, set_threads
     from .models import load_generation_config, load_pretrained, load_tokenizer, resolve_model_path
-    from .sampling import generate, left_pad
-    from .sampling.settings import resolve_sampler_settings
+    from .sampling import DecodeStats, generate, left_pad
+    from .sampling.settings import check_fast_for_family, resolve_sampler_settings
 
     set_threads(args.threads)
     device = resolve_device(args.device)
@@ -143,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
     resolve_model_path(weights)
     gcfg = load_generation_config(weights) or (load_generation_config(model_arg) if model_arg else {})
     st = resolve_sampler_settings(gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
-                                  remasking=args.remasking, generation_config=gcfg, default_gen_length=32)
+                                  remasking=args.remasking, generation_config=gcfg, default_gen_length=32,
+                                  cache=args.cache, threshold=args.threshold)
     gen_length, steps, block_length = st.gen_length, st.steps, st.block_length
     temperature = args.temperature if args.temperature is not None else float(gcfg.get("temperature") or 0.0)
     tok_dirs = [d for d in (args.quantized, model_arg) if d]
@@ -169,13 +178,18 @@ def run(args: argparse.Namespace) -> int:
     encoded = _encode(tok, prompts, chat)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (cfg.pad_token_id or cfg.eos_token_id or 0)
     ids, attn = left_pad(encoded, pad)
-    remasking = st.remasking or ("entropy" if cfg.family == "dream" and block_length is None else "low_confidence")
-    dream_schedule = cfg.family == "dream" and block_length is None
+    dream = cfg.family == "dream"
+    remasking = st.remasking or ("entropy" if dream and (block_length is None or st.fast) else "low_confidence")
+    check_fast_for_family(st, cfg.family, remasking)
+    dream_schedule = dream and block_length is None
     if remasking == "origin" and not dream_schedule:
         raise UsageError("--remasking origin needs Dream's timestep schedule (a Dream model without --block-length)")
     given = [f"--{n.replace('_', '-')}" for n in ("top_p", "top_k", "alg_temp") if getattr(args, n) is not None]
-    if given and not dream_schedule:
-        raise UsageError(f"{', '.join(given)}: Dream's timestep schedule only (a Dream model without --block-length)")
+    if given and not (dream_schedule or (dream and st.fast)):
+        raise UsageError(f"{', '.join(given)}: Dream's timestep schedule only (a Dream model without --block-length; "
+                         "or Dream with --cache/--threshold)")
+    if st.fast and args.cfg_scale:
+        raise UsageError("--cfg-scale does not apply with --cache/--threshold (Fast-dLLM decoding)")
     longest = max(len(e) for e in encoded)
     if longest + gen_length > cfg.max_position_embeddings:
         raise UsageError(f"prompt ({longest}) + gen_length ({gen_length}) = {longest + gen_length} exceeds the "
@@ -192,7 +206,8 @@ def run(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = dict(
         gen_length=gen_length, steps=steps, block_length=block_length, temperature=temperature,
         remasking=remasking, cfg_scale=args.cfg_scale, generator=gen, attention_mask=attn,
-        stop_at_eos=stop, eot_token_id=eot, callback=on_step,
+        stop_at_eos=stop, eot_token_id=eot, callback=on_step, cache=st.cache, threshold=st.threshold,
+        stats=DecodeStats(),
     )
     for name in ("top_p", "top_k", "alg_temp"):
         if getattr(args, name) is not None:
@@ -213,9 +228,10 @@ def run(args: argparse.Namespace) -> int:
     # the bit widths the checkpoint was calibrated for (not every --quantized dir is W4A4)
     qbits = ((getattr(model, "quantization_config", None) or {}).get("config") or {}).get("quant") or {}
     qlabel = f", W{qbits.get('w_bits', '?')}A{qbits.get('a_bits', '?')}" if args.quantized else ""
+    fast = f", cache {st.cache or 'none'}, threshold {st.threshold}" if st.fast else ""
     print(f"[{n_tok} tokens, {n_steps[0]} steps in {dt:.3f} s: {n_tok / dt:.1f} tokens/s, "
-          f"{n_steps[0] / dt:.2f} steps/s; {cfg.family}, {args.dtype}, {device}"
-          f"{qlabel}]")
+          f"{n_steps[0] / dt:.2f} steps/s, NFE {kwargs['stats'].nfe}; {cfg.family}, {args.dtype}, {device}"
+          f"{qlabel}{fast}]")
     return 0
 
 

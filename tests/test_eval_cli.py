@@ -90,6 +90,24 @@ def test_cli_errors_are_one_line_exit_2(ckpts, tmp_path, capsys):
     assert main(["--model", str(tmp_path / "nothing"), "--tasks", "ppl", "--out", str(tmp_path)]) == 2
 
 
+def test_cli_fast_decoding_flags(ckpts, tmp_path, capsys):
+    """--cache/--threshold reach the task decoding, are validated before any model is loaded, and
+    refuse the mechanism metrics (which compare one full forward per step)."""
+    fp, _ = ckpts
+    assert main(["--model", str(fp), "--tasks", "add", "--threshold", "0", "--out", str(tmp_path / "a")]) == 2
+    assert "--threshold must be in (0, 1]" in capsys.readouterr().err
+    assert main(["--model", str(fp), "--cache", "dual", "--out", str(tmp_path / "b")]) == 2
+    assert "metrics" in capsys.readouterr().err
+    out = tmp_path / "fast"
+    rc = main(["--model", str(fp), "--tasks", "add", "--n", "2", "--gen-length", "8", "--steps", "8",
+               "--block-length", "4", "--cache", "dual", "--threshold", "0.5", "--batch-size", "2", "--no-progress",
+               "--device", "cpu", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["gen_kwargs"]["cache"] == "dual" and res["gen_kwargs"]["threshold"] == 0.5
+    assert "cache dual, threshold 0.5" in (out / "results.md").read_text()
+
+
 def test_torchrun_two_cpu_ranks_match_one_process(ckpts, single_run, tmp_path):
     fp, other = ckpts
     env = {**os.environ, "PYTHONPATH": PKG_PARENT, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}

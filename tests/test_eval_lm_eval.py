@@ -67,6 +67,19 @@ def test_rolling_and_generate_until(ckpt):
     assert isinstance(gen[0], str) and "A" not in gen[0]
 
 
+def test_fast_decoding_model_args(ckpt):
+    lm = _lm(ckpt, cache="dual", threshold="0.5", block_length="4")
+    assert lm.gen_kwargs["cache"] == "dual" and lm.gen_kwargs["threshold"] == 0.5
+    gen = lm.generate_until([_inst("generate_until", ("Q: 2+3=? A:", {"until": ["A"], "max_gen_toks": 8}))],
+                            disable_tqdm=True)
+    assert isinstance(gen[0], str)
+    assert "cache" not in _lm(ckpt, cache="none").gen_kwargs
+    with pytest.raises(ValueError, match="--threshold must be in"):
+        _lm(ckpt, threshold="2")
+    with pytest.raises(ValueError, match="--cache must be one of"):
+        _lm(ckpt, cache="triple")
+
+
 def test_unknown_model_args_are_rejected(ckpt):
     with pytest.raises(ValueError, match="unknown model_args"):
         _lm(ckpt, typo_arg="1")

@@ -82,6 +82,10 @@ def test_dream_chat_and_show_steps(dream_ckpt, capsys):
     (["--gen-length", "8", "--prompt", " ".join(["w9"] * 300)], "exceeds the model's context"),
     (["--gen-length", "8", "--chat"], "no chat template"),
     (["--gen-length", "8", "--remasking", "bogus"], "remasking must be one of"),
+    (["--gen-length", "8", "--threshold", "1.5"], "--threshold must be in (0, 1]"),
+    (["--gen-length", "8", "--threshold", "0"], "--threshold must be in (0, 1]"),
+    (["--gen-length", "8", "--cache", "dual", "--remasking", "margin"], "--remasking must be low_confidence or random"),
+    (["--gen-length", "8", "--cache", "dual", "--cfg-scale", "1"], "--cfg-scale does not apply"),
 ])
 def test_bad_input_one_line_exit_2(ckpt, capsys, argv, match):
     if "--prompt" not in argv:
@@ -90,6 +94,32 @@ def test_bad_input_one_line_exit_2(ckpt, capsys, argv, match):
     err = capsys.readouterr().err
     assert rc == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and match in err
+
+
+def test_fast_decoding_reports_nfe(ckpt, capsys):
+    """--cache/--threshold run Fast-dLLM decoding; the summary names the NFE, which is what the
+    library call with the same settings counts."""
+    from fair_calib_ext.models import load_pretrained
+    from fair_calib_ext.sampling import DecodeStats, generate
+
+    rc = sample.main(["--model", str(ckpt), "--prompt", "w7 w8 w9", "--gen-length", "8", "--steps", "8",
+                      "--block-length", "4", "--cache", "dual", "--threshold", "0.3", "--no-stop-at-eos"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "tokens/s" in out and "cache dual, threshold 0.3" in out
+    st = DecodeStats()
+    generate(load_pretrained(ckpt), torch.tensor([[7, 8, 9]]), gen_length=8, steps=8, block_length=4, cache="dual",
+             threshold=0.3, stats=st)
+    assert f"NFE {st.nfe};" in out and st.nfe < 8  # parallel commits saved forwards
+    assert sample.main(["--model", str(ckpt), "--prompt", "w7", "--gen-length", "8", "--cache", "none"]) == 0
+    assert "NFE 8;" in capsys.readouterr().out  # none: the default sampler, one forward per step
+
+
+def test_fast_decoding_dream_needs_blocks(dream_ckpt, capsys):
+    assert sample.main(["--model", str(dream_ckpt), "--prompt", "w7", "--gen-length", "8", "--cache", "prefix"]) == 2
+    assert "need --block-length" in capsys.readouterr().err
+    rc = sample.main(["--model", str(dream_ckpt), "--prompt", "w7", "--gen-length", "8", "--block-length", "4",
+                      "--cache", "prefix", "--top-k", "10"])
+    assert rc == 0 and "cache prefix, threshold None" in capsys.readouterr().out
 
 
 def test_missing_model_dir(tmp_path, capsys):

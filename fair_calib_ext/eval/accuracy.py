@@ -33,6 +33,8 @@ def default_gen_kwargs(
     block_length: int | None = None,
     remasking: str | None = None,
     generation_config: dict[str, Any] | None = None,
+    cache: str | None = None,
+    threshold: float | str | None = None,
 ) -> dict[str, Any]:
     """Sampler settings: explicit arguments, then the checkpoint's generation_config.json
     (keys ``gen_length``/``max_new_tokens``, ``steps``, ``block_length``, ``remasking``/``alg``),
@@ -40,20 +42,25 @@ def default_gen_kwargs(
     one block with ``low_confidence``, Dream its timestep schedule (no blocks) with ``entropy``;
     temperature 0. Resolved and validated by the same function as ``sample``'s
     (:func:`fair_calib_ext.sampling.settings.resolve_sampler_settings`): an invalid value raises
-    ``UsageError``, it is never replaced by a default."""
-    from ..sampling.settings import resolve_sampler_settings
+    ``UsageError``, it is never replaced by a default. ``cache`` (none/prefix/dual) and
+    ``threshold`` select Fast-dLLM decoding; they appear in the result only when set."""
+    from ..sampling.settings import check_fast_for_family, resolve_sampler_settings
     from .tasks import GEN_LENGTH
 
     family = getattr(model.config, "family", "llada")
     st = resolve_sampler_settings(gen_length=gen_length, steps=steps, block_length=block_length,
                                   remasking=remasking, generation_config=generation_config,
-                                  default_gen_length=GEN_LENGTH)
+                                  default_gen_length=GEN_LENGTH, cache=cache, threshold=threshold)
     bl = st.block_length
     if bl is None and family != "dream":
         bl = st.gen_length  # LLaDA: one block = pure diffusion; Dream without blocks uses its timestep schedule
     rm = st.remasking or ("entropy" if family == "dream" else "low_confidence")
-    return {"gen_length": st.gen_length, "steps": st.steps, "block_length": bl, "remasking": rm,
-            "temperature": 0.0}
+    check_fast_for_family(st, family, rm)
+    out: dict[str, Any] = {"gen_length": st.gen_length, "steps": st.steps, "block_length": bl, "remasking": rm,
+                           "temperature": 0.0}
+    if st.fast:
+        out.update(cache=st.cache, threshold=st.threshold)
+    return out
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[str], prefix_ids: Sequence[int] = ()) -> list[list[int]]:

@@ -67,6 +67,8 @@ class FairDLLM(LM):
         batch_size: rows per forward for the ELBO and prompts per sampler batch.
         gen_length, steps, block_length, remasking: sampler settings for generate_until
             (max_gen_toks from the task overrides gen_length when given).
+        cache (none | prefix | dual), threshold (0 < T <= 1): Fast-dLLM decoding for
+            generate_until (approximate KV cache, confidence-threshold parallel commits).
         max_length: context limit (default: the config's max_position_embeddings).
         seed: seed of the MC masks.
     """
@@ -83,6 +85,8 @@ class FairDLLM(LM):
         steps: int | str | None = None,
         block_length: int | str | None = None,
         remasking: str | None = None,
+        cache: str | None = None,
+        threshold: float | str | None = None,
         max_length: int | str | None = None,
         seed: int | str = 0,
         **kwargs: Any,
@@ -108,7 +112,7 @@ class FairDLLM(LM):
         self.gen_kwargs = default_gen_kwargs(
             self.model, gen_length=int(gen_length) if gen_length else None, steps=int(steps) if steps else None,
             block_length=int(block_length) if block_length else None, remasking=remasking,
-            generation_config=load_generation_config(pretrained),
+            generation_config=load_generation_config(pretrained), cache=cache, threshold=threshold,
         )
         start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
         self._start = [int(start)] if start is not None else []

@@ -22,7 +22,16 @@ from .loading import (
     resolve_model_path,
     save_pretrained,
 )
-from .transformer import LAYER_MAP, DecoderLayer, DiffusionLM, DiffusionLMOutput, RMSNorm, align_logits
+from .transformer import (
+    LAYER_MAP,
+    DecoderLayer,
+    DiffusionLM,
+    DiffusionLMOutput,
+    KVCache,
+    LayerKV,
+    RMSNorm,
+    align_logits,
+)
 
 from . import hf as _hf  # noqa: E402
 
@@ -34,6 +43,8 @@ __all__ = [
     "DecoderLayer",
     "DiffusionLM",
     "DiffusionLMOutput",
+    "KVCache",
+    "LayerKV",
     "LAYER_MAP",
     "ModelConfig",
     "RMSNorm",

@@ -26,6 +26,8 @@ __all__ = [
     "DecoderLayer",
     "DiffusionLM",
     "DiffusionLMOutput",
+    "KVCache",
+    "LayerKV",
     "rope_cos_sin",
     "apply_rope",
     "LAYER_MAP",
@@ -85,6 +87,64 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xc * cos + _rotate_half(xc) * sin).to(x.dtype)
 
 
+class LayerKV:
+    """One layer's cached keys and values [B, Hk, L, Dh] (after RoPE, before GQA repetition).
+
+    Fast-dLLM's approximate cache. An empty one is filled by a forward over the whole sequence.
+    A forward over a window at positions [start, start + W) then attends over the cached entries
+    with the window's own fresh keys/values in place of the cached ones for those positions:
+
+    - prefix cache (the cache holds positions [0, start) and the window runs to the end of the
+      sequence): the keys are the cached ones followed by the window's;
+    - dual cache (the cache covers the window): the window's entries are replaced in place, so
+      the cache keeps the newest block and the stale prefix and suffix.
+    """
+
+    def __init__(self, k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> None:
+        self.k, self.v = k, v
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store or combine the window's k/v [B, Hk, W, Dh]; returns the keys/values to attend over."""
+        if self.k is None or self.v is None:  # building: keep what this (full) forward computed
+            if start != 0:
+                raise ValueError(f"an empty KV cache is built by a forward from position 0, not {start}")
+            self.k, self.v = k, v
+            return k, v
+        cached, end = self.k.shape[2], start + k.shape[2]
+        if end <= cached:  # dual: the window's positions are recomputed, the rest stays stale
+            self.k[:, :, start:end] = k
+            self.v[:, :, start:end] = v
+            return self.k, self.v
+        if cached == start:  # prefix: cached positions [0, start), then the window to the end
+            return torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        raise ValueError(f"a window at positions [{start}, {end}) fits neither a prefix cache nor a "
+                         f"cache over {cached} positions")
+
+
+class KVCache:
+    """Per-layer :class:`LayerKV` of a DiffusionLM; see ``DiffusionLM.forward(kv_cache=...)``."""
+
+    def __init__(self, layers: list[LayerKV]) -> None:
+        self.layers = layers
+
+    @classmethod
+    def empty(cls, num_layers: int) -> KVCache:
+        """A cache to be filled by the next full forward."""
+        return cls([LayerKV() for _ in range(num_layers)])
+
+    @property
+    def length(self) -> int:
+        """Number of cached positions (0 when empty)."""
+        k = self.layers[0].k if self.layers else None
+        return 0 if k is None else int(k.shape[2])
+
+    def prefix(self, n: int) -> KVCache:
+        """The entries of positions [0, n) only (Fast-dLLM's prefix cache); views, not copies."""
+        if any(lk.k is None or lk.v is None for lk in self.layers):
+            raise ValueError("prefix() of an empty KV cache")
+        return KVCache([LayerKV(lk.k[:, :, :n], lk.v[:, :, :n]) for lk in self.layers])  # type: ignore[index]
+
+
 class Attention(nn.Module):
     """Bidirectional multi-head / grouped-query attention through SDPA."""
 
@@ -102,13 +162,19 @@ class Attention(nn.Module):
         x: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
+        kv: LayerKV | None = None,
+        start: int = 0,
     ) -> torch.Tensor:
+        """x [B, S, D] -> [B, S, D]. With ``kv``, x holds positions [start, start + S) and the
+        keys/values come from the cache (see :class:`LayerKV`)."""
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            k, v = kv.update(k, v, start)
         if self.num_kv_heads != self.num_heads:  # GQA: each kv head serves consecutive q heads
             rep = self.num_heads // self.num_kv_heads
             k = k.repeat_interleave(rep, dim=1)
@@ -148,9 +214,12 @@ class DecoderLayer(nn.Module):
         h: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
+        kv: LayerKV | None = None,
+        start: int = 0,
     ) -> torch.Tensor:
-        """h [B, S, D] -> [B, S, D]; attention_mask is SDPA-ready (from prepare_inputs)."""
-        h = h + self.attn(self.attn_norm(h), position_embeddings, attention_mask)
+        """h [B, S, D] -> [B, S, D]; attention_mask is SDPA-ready (from prepare_inputs); ``kv`` /
+        ``start``: the layer's KV cache and the window's first position (see :class:`LayerKV`)."""
+        h = h + self.attn(self.attn_norm(h), position_embeddings, attention_mask, kv, start)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -246,12 +315,33 @@ class DiffusionLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        *,
+        kv_cache: KVCache | None = None,
+        start: int = 0,
         **_: Any,
     ) -> DiffusionLMOutput:
-        """input_ids [B, S] -> output with raw logits [B, S, V] (Dream: unshifted)."""
+        """input_ids [B, S] -> output with raw logits [B, S, V] (Dream: unshifted).
+
+        ``kv_cache`` (Fast-dLLM's approximate cache, no padding): an empty :class:`KVCache`
+        is filled by a forward over the whole sequence; a filled one makes ``input_ids`` the
+        window at positions [start, start + S) (the positions its RoPE uses), attending over
+        the cached keys/values as :class:`LayerKV` describes. Logits cover the window only.
+        """
+        if kv_cache is not None:
+            if attention_mask is not None and not bool(attention_mask.bool().all()):
+                raise ValueError("kv_cache does not support padding (attention_mask with zeros)")
+            if len(kv_cache.layers) != len(self.layers):
+                raise ValueError(f"kv_cache has {len(kv_cache.layers)} layers, the model {len(self.layers)}")
+            attention_mask = None
+            if position_ids is None:
+                b, s = input_ids.shape
+                position_ids = torch.arange(start, start + s, device=input_ids.device).expand(b, s)
         h, kw = self.prepare_inputs(input_ids, attention_mask, position_ids)
-        for layer in self.layers:
-            h = layer(h, **kw)
+        for i, layer in enumerate(self.layers):
+            if kv_cache is None:
+                h = layer(h, **kw)
+            else:
+                h = layer(h, **kw, kv=kv_cache.layers[i], start=start)
         logits = self.lm_head(self.norm(h))
         if self.config.scale_logits:
             logits = logits * (1.0 / self.config.hidden_size**0.5)

@@ -16,6 +16,9 @@ Two schedules, both written from the official algorithms:
   defaults to 50 there, as in the official code (see ``DREAM_DEFAULT_TOP_K``).
 
 Both use aligned logits (Dream's raw logits shifted right by one). Commits are never undone.
+
+``cache`` ("prefix" | "dual") and ``threshold`` switch to Fast-dLLM's loops instead (block-wise
+approximate KV cache, confidence-threshold parallel commits): see :mod:`.fast`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .trace import Trace
+from .trace import DecodeStats, Trace
 
 __all__ = [
     "generate",
@@ -35,7 +38,11 @@ __all__ = [
     "REMASKING",
     "DREAM_DEFAULT_TOP_K",
     "generation_defaults",
+    "check_fast_settings",
+    "CACHE_CHOICES",
 ]
+
+CACHE_CHOICES = (None, "prefix", "dual")
 
 REMASKING = ("low_confidence", "random", "margin", "entropy", "maskgit_plus", "origin")
 # Dream's diffusion_generate builds its generation config from the model config, which in
@@ -341,6 +348,57 @@ def _generate_dream(
 # --------------------------------------------------------------------------------------------
 
 
+def check_fast_settings(cache: str | None, threshold: float | None) -> None:
+    """Raise ValueError unless ``cache`` is None/"prefix"/"dual" and ``threshold`` None or in (0, 1]."""
+    if cache not in CACHE_CHOICES:
+        raise ValueError(f"cache must be None, 'prefix' or 'dual', got {cache!r}")
+    if threshold is not None:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise ValueError(f"threshold must be a number in (0, 1] or None, got {threshold!r}")
+        if not (0.0 < float(threshold) <= 1.0):  # NaN fails this too
+            raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+
+
+def _generate_fast(
+    model, prompt_ids, attention_mask, *, family, gen_length, steps, block_length, temperature, remasking,
+    cache, threshold, trace, stats, generator, mask_id, shift, top_p, top_k, alg_temp, eps, stop_ids,
+    fill_id, callback,
+) -> torch.Tensor:
+    """Fast-dLLM's loops (batch 1), row by row over a left-padded batch."""
+    from . import fast
+
+    b, p = prompt_ids.shape
+    device = prompt_ids.device
+    out = torch.full((b, p + gen_length), mask_id, dtype=torch.long, device=device)
+    out[:, :p] = prompt_ids
+    for r in range(b):
+        keep = attention_mask[r].bool() if attention_mask is not None else torch.ones(p, dtype=torch.bool,
+                                                                                     device=device)
+        row = prompt_ids[r][keep]
+        n = row.shape[0]
+        x = torch.full((1, n + gen_length), mask_id, dtype=torch.long, device=device)
+        x[0, :n] = row
+        if trace is not None:
+            trace.prompt_len = n
+        row_callback = None
+        if callback is not None:
+            def row_callback(t: int, xr: torch.Tensor, r: int = r, n: int = n) -> None:
+                out[r, p:] = xr[0, n:]  # the caller sees its own layout: [1, P + G], padding kept
+                callback(t, out[r:r + 1])
+        common: dict[str, Any] = {
+            "p": n, "gen_length": gen_length, "steps": steps, "block_length": block_length,
+            "temperature": temperature, "cache": cache, "threshold": threshold, "mask_id": mask_id,
+            "generator": generator, "trace": trace, "stats": stats, "callback": row_callback,
+            "stop_ids": stop_ids, "fill_id": fill_id,
+        }
+        if family == "dream":
+            fast.fast_dream(model, x, top_p=top_p, top_k=top_k, alg_temp=alg_temp, eps=eps, **common)
+        else:
+            fast.fast_llada(model, x, remasking=remasking, shift=shift, **common)
+        out[r, p:] = x[0, n:]
+    return out
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -367,6 +425,9 @@ def generate(
     eot_token_id: int | None = None,
     mask_token_id: int | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
+    cache: str | None = None,
+    threshold: float | None = None,
+    stats: DecodeStats | None = None,
 ) -> torch.Tensor:
     """Decode ``gen_length`` tokens after ``prompt_ids`` [B, P]; returns ids [B, P + G].
 
@@ -389,7 +450,22 @@ def generate(
     a stop token (``stop_token_ids``, default EOS plus ``eot_token_id``) with nothing masked
     before it, stop and fill the remaining masks with EOS. ``logits_eos_inf`` /
     ``confidence_eos_eot_inf`` are the official LLaDA flags. ``trace`` records every step
-    (see :class:`Trace`); ``callback(step, x)`` runs after each step.
+    (see :class:`Trace`); ``callback(step, x)`` runs after each step; ``stats`` (a
+    :class:`DecodeStats`) receives the number of forward passes (NFE) and steps.
+
+    Fast decoding (Fast-dLLM, see :mod:`fair_calib_ext.sampling.fast`): ``cache`` is None,
+    "prefix" or "dual" (block-wise approximate KV cache) and ``threshold`` None or in (0, 1]
+    (commit every masked position of the block whose confidence reaches it, at least one per
+    step). Either one switches to Fast-dLLM's loop for the model family: LLaDA's
+    ``generate`` / ``generate_with_prefix_cache`` / ``generate_with_dual_cache`` (remasking
+    low_confidence or random; ``block_length=None`` is one block), Dream's block sampler
+    (needs ``block_length``; remasking "entropy", replaced by the threshold rule when one is
+    given; top_p/top_k/alg_temp/eps as for the dream schedule). Without a cache each step runs
+    the whole sequence. Batch 1 as in Fast-dLLM: a batch is decoded row by row (its padding
+    dropped per row; ``callback`` then sees the row being decoded, [1, P + G] with its padding,
+    and ``trace`` needs B = 1). Not with
+    ``cfg_scale``, ``schedule``, ``logits_eos_inf`` or ``confidence_eos_eot_inf``.
+    ``cache=None, threshold=None`` is the sampler above, unchanged.
     """
     cfg = model.config
     mask_id = int(mask_token_id if mask_token_id is not None else cfg.mask_token_id)
@@ -398,6 +474,32 @@ def generate(
     remasking = _ALIASES.get(remasking, remasking)
     if remasking not in REMASKING:
         raise ValueError(f"remasking must be one of {REMASKING} (or 'topk_margin'), got {remasking!r}")
+    check_fast_settings(cache, threshold)
+    fast = cache is not None or threshold is not None
+    if fast:
+        what = "cache/threshold (Fast-dLLM decoding)"
+        if schedule is not None:
+            raise ValueError(f"{what}: schedule does not apply (the loop follows the model family), "
+                             f"got schedule={schedule!r}")
+        if cfg_scale:
+            raise ValueError(f"{what} does not support cfg_scale > 0")
+        if logits_eos_inf or confidence_eos_eot_inf:
+            raise ValueError(f"{what} does not support logits_eos_inf / confidence_eos_eot_inf")
+        if family == "dream":
+            if block_length is None:
+                raise ValueError(f"{what} on a Dream model needs block_length (Fast-dLLM's block sampler; "
+                                 "cache and threshold need block-wise decoding)")
+            if remasking != "entropy":
+                raise ValueError(f"{what} on a Dream model: remasking must be 'entropy' (the block sampler's "
+                                 f"rule; a threshold replaces it), got {remasking!r}")
+        else:
+            remasking = "low_confidence" if remasking == "maskgit_plus" else remasking
+            if remasking not in ("low_confidence", "random"):
+                raise ValueError(f"{what} on a LLaDA model: remasking must be 'low_confidence' or 'random', "
+                                 f"got {remasking!r}")
+        if trace is not None and prompt_ids.dim() == 2 and prompt_ids.shape[0] > 1:
+            raise ValueError(f"{what}: trace needs a batch of one prompt (rows are decoded one by one)")
+        schedule = "llada"  # block-wise; only for the shared checks below
     if schedule is None:
         schedule = "dream" if (family == "dream" and block_length is None) else "llada"
     if schedule not in ("llada", "dream"):
@@ -428,10 +530,10 @@ def generate(
             raise ValueError(f"steps ({steps}) must be divisible by the number of blocks ({num_blocks})")
         if remasking == "origin":
             raise ValueError("remasking='origin' needs the dream schedule (schedule='dream')")
-        if top_p is not None or top_k is not None or alg_temp is not None:
+        if (top_p is not None or top_k is not None or alg_temp is not None) and not (fast and family == "dream"):
             raise ValueError("top_p, top_k and alg_temp apply to the dream schedule only")
-    else:
-        if block_length is not None:
+    if schedule == "dream" or (fast and family == "dream"):
+        if block_length is not None and not fast:
             raise ValueError("the dream schedule has no blocks; pass block_length=None")
         defaults = generation_defaults(model)
         top_p = top_p if top_p is not None else defaults.get("top_p")
@@ -471,6 +573,33 @@ def generate(
         trace.prompt_len, trace.gen_length = p, gen_length
         trace.block_length = block_length
         trace.schedule, trace.remasking, trace.mask_token_id = schedule, remasking, mask_id
+        trace.cache, trace.threshold = cache, threshold
+
+    if fast:
+        if trace is not None:
+            trace.schedule = f"fast-{family}"
+        out = _generate_fast(
+            model, prompt_ids, attention_mask, family=family, gen_length=gen_length, steps=steps,
+            block_length=block_length, temperature=temperature, remasking=remasking, cache=cache,
+            threshold=None if threshold is None else float(threshold), trace=trace, stats=stats,
+            generator=generator, mask_id=mask_id, shift=shift, top_p=top_p, top_k=top_k, alg_temp=alg_temp,
+            eps=float(eps) if eps is not None else 1e-3, stop_ids=stop_ids, fill_id=fill_id, callback=callback,
+        )
+        if trace is not None:
+            trace.steps = len(trace.canvas)
+        return out
+
+    if stats is not None or trace is not None:  # the default loops run one forward per step
+        user_callback = callback
+
+        def callback(t: int, xx: torch.Tensor) -> None:
+            if stats is not None:
+                stats.nfe += 1
+                stats.steps += 1
+            if trace is not None:
+                trace.nfe += 1
+            if user_callback is not None:
+                user_callback(t, xx)
 
     if schedule == "llada":
         return _generate_llada(

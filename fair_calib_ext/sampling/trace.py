@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Trace", "TRACE_FIELDS"]
+__all__ = ["TRACE_FIELDS", "DecodeStats", "Trace"]
 
 TRACE_FIELDS = ("canvas", "masked", "commit", "tokens", "top1", "prob", "entropy", "margin")
 
@@ -25,12 +25,15 @@ class Trace:
     - ``top1[t]`` (long), ``prob[t]``, ``entropy[t]``, ``margin[t]`` (float32): the model's
       top-1 token at every generation position, its probability, the entropy (nats) and
       p1 − p2 of softmax(logits) in fp32 — the aligned (and CFG-mixed) logits the sampler
-      used, before temperature, top-p or top-k.
+      used, before temperature, top-p or top-k. With a KV cache (``generate(cache=...)``) a
+      step's forward covers a window of the sequence only: positions outside it get top1 = -1
+      and NaN statistics.
 
     ``record_stats=False`` skips the four distribution statistics (they cost a softmax over
     the vocabulary per step). Attributes set by generate: ``prompt_len`` (P), ``gen_length``
     (G), ``steps`` (T, steps actually run), ``block_length``, ``schedule``, ``remasking``,
-    ``mask_token_id``.
+    ``mask_token_id``, ``nfe`` (model forward passes; one per step, a CFG pair counting as
+    one), ``cache`` and ``threshold`` (the fast-decoding settings, None when off).
     """
 
     record_stats: bool = True
@@ -49,6 +52,9 @@ class Trace:
     schedule: str = ""
     remasking: str = ""
     mask_token_id: int = -1
+    nfe: int = 0
+    cache: str | None = None
+    threshold: float | None = None
 
     def __len__(self) -> int:
         return len(self.canvas)
@@ -75,3 +81,17 @@ class Trace:
         for name in TRACE_FIELDS:
             getattr(self, name).clear()
         self.steps = 0
+        self.nfe = 0
+
+
+@dataclass
+class DecodeStats:
+    """What one :func:`~fair_calib_ext.sampling.generate` call cost (pass ``stats=DecodeStats()``).
+
+    ``nfe``: model forward passes (a CFG pair counts as one; with several rows decoded one by
+    one, the sum over rows). ``steps``: sampler steps (commit rounds); every step runs one
+    forward, so the two are equal and stay apart only to name what is counted.
+    """
+
+    nfe: int = 0
+    steps: int = 0
