@@ -18,6 +18,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -235,6 +236,28 @@ def _materialize(model: nn.Module, i: int, device: torch.device) -> nn.Module:
     return layer
 
 
+_LIBC: Any = None
+
+
+def _return_freed_memory() -> None:
+    """Give the heap pages freed by the finished block back to the OS (glibc ``malloc_trim``).
+
+    glibc keeps freed memory in its per-thread arenas; over the blocks of a full-width model
+    that training allocates and frees, the untrimmed heap grew by ~1 GB a block (measured on
+    LLaDA-8B-shaped blocks, ``--method fair``): a 32-block run was killed at 24 GB of anonymous
+    memory, with nothing alive in Python. A no-op where the C library has no malloc_trim.
+    """
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
 def _check_block_file(path: Path, specs: dict[str, Any]) -> None:
     """A finished block's file has a readable header naming a tensor of every spec'd layer."""
     from safetensors import safe_open
@@ -442,6 +465,7 @@ def calibrate(
         if store is not None:
             store.add(model, i, kernel_path(layer))
             del layer
+        _return_freed_memory()
         if stop_after is not None and i + 1 >= stop_after and i + 1 < n_layers:
             return model
     if getattr(model, "layer_source", None) is not None:
