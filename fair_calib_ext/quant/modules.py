@@ -161,6 +161,12 @@ class OnlineTransform(nn.Module):
         return f"kind={self.kind}, size={self.size}" + (f", {self.n1}x{self.n2}" if self.kind == "kron" else "")
 
 
+def _check_in_features(x: torch.Tensor, in_features: int, layer: str) -> None:
+    if x.shape[-1] != in_features:
+        raise ValueError(f"{layer}: input's last dimension is {x.shape[-1]}, expected in_features={in_features} "
+                         f"(input shape {tuple(x.shape)})")
+
+
 class RefQuantLinear(nn.Module):
     """Pure-torch quantized linear with the deployed buffers.
 
@@ -209,6 +215,7 @@ class RefQuantLinear(nn.Module):
         return dequantize(self.int_weight(), self.weight_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_in_features(x, self.in_features, "RefQuantLinear")
         xq = fake_quant(x.float(), self.a_bits, self.act_clip)
         y = xq @ self.dequant_weight().T
         if self.bias is not None:
@@ -268,6 +275,7 @@ class QuantLinear(nn.Module):
         return self.linear.int_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_in_features(x, self.in_features, "QuantLinear")  # before a transform could broadcast it
         if self.transform is not None:
             x = self.transform(x)
         return self.linear(x)
