@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_args(a: argparse.Namespace) -> None:
     """Everything that can be checked before loading a model: flags, inputs, outputs, sampler."""
-    from fair_calib_ext.cli_common import check_out_dir, require_quantized, resolve_device
+    from fair_calib_ext.cli_common import check_out_dir, check_same_architecture, require_quantized, resolve_device
     from fair_calib_ext.eval.runner import expand_tasks
     from fair_calib_ext.eval.tasks import GEN_LENGTH
     from fair_calib_ext.models import load_generation_config, resolve_model_path
@@ -86,6 +86,7 @@ def _check_args(a: argparse.Namespace) -> None:
         if not Path(d).is_dir():
             raise UsageError(f"--quantized {d}: no such directory")
         require_quantized(d)
+        check_same_architecture(a.model, d)  # flips against another model's teacher would mean nothing
     # the same validation as `sample` (one shared resolver): nothing is silently replaced
     resolve_sampler_settings(gen_length=a.gen_length, steps=a.steps, block_length=a.block_length,
                              remasking=a.remasking, generation_config=load_generation_config(a.model),

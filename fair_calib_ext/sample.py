@@ -128,7 +128,7 @@ def _show(tok: Any, x: Any, p: int, mask_id: int, step: int, tty: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .cli_common import require_quantized, resolve_device, set_threads
+    from .cli_common import check_same_architecture, require_quantized, resolve_device, set_threads
     from .models import load_generation_config, load_pretrained, load_tokenizer, resolve_model_path
     from .sampling import generate, left_pad
     from .sampling.settings import resolve_sampler_settings
@@ -139,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
     model_arg = _resolve_model(args.model) if args.model or not args.quantized else args.model
     if args.quantized:
         require_quantized(args.quantized)
+        if args.model:  # its tokenizer and generation config would decode another model's ids
+            check_same_architecture(args.model, args.quantized)
     weights = args.quantized or model_arg
     resolve_model_path(weights)
     gcfg = load_generation_config(weights) or (load_generation_config(model_arg) if model_arg else {})

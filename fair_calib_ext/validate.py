@@ -20,9 +20,9 @@ import argparse
 import json
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterable
 from typing import Any
 
 from .errors import CheckpointError, UsageError

@@ -67,6 +67,32 @@ def test_quantized_refuses_full_precision_dir(tmp_path: Path, capsys: pytest.Cap
     assert not (tmp_path / "e").exists()
 
 
+# -- issue 20: a quantized checkpoint is compared only with the model it was made from ----------
+def test_quantized_of_another_family_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """tiny-dream quantized, compared with --model tiny-llada (same shapes, other family): the
+    flips would be measured against the wrong teacher, so the pairing is refused before any work."""
+    qd = tmp_path / "qd"
+    assert calibrate_cli.main(["--model", "tiny-dream", "--method", "rtn", "--nsamples", "2", "--seqlen", "16",
+                               "--out", str(qd), "--no-progress"]) == 0
+    capsys.readouterr()
+    rc = evaluate_cli.main(["--model", MODEL, "--quantized", str(qd), "--out", str(tmp_path / "e"), *EVAL_ARGS])
+    _one_line_2(rc, capsys, "--quantized", "was not made from --model tiny-llada", "family dream vs llada")
+    assert not (tmp_path / "e").exists()
+    rc = sample_cli.main(["--model", MODEL, "--quantized", str(qd), "--prompt", "Q: 1+1=? A:", "--gen-length", "4"])
+    _one_line_2(rc, capsys, "family dream vs llada")
+    # a shape difference is named too
+    other = _copy(ASSETS_DIR / "tiny-dream", tmp_path / "dream-wide")
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["intermediate_size"] = 512
+    (other / "config.json").write_text(json.dumps(cfg))
+    rc = evaluate_cli.main(["--model", str(other), "--quantized", str(qd), "--out", str(tmp_path / "e"), *EVAL_ARGS])
+    _one_line_2(rc, capsys, "intermediate_size 384 vs 512")
+    # the right pairing still runs
+    rc = evaluate_cli.main(["--model", "tiny-dream", "--quantized", str(qd), "--out", str(tmp_path / "e"),
+                            *EVAL_ARGS, "--tasks", "add", "--gen-length", "4"])
+    assert rc == 0, capsys.readouterr().err
+
+
 # -- §3: evaluate validates sampler settings exactly as sample does --------------------------
 @pytest.mark.parametrize("argv,needle", [
     (["--gen-length", "0"], "--gen-length must be >= 1"),
