@@ -14,9 +14,17 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError
+from .validate import MAX_SEED, Flag
 
 __all__ = ["set_threads", "resolve_device", "check_out_dir", "check_out_file", "require_quantized",
-           "check_positive", "check_finite_positive", "check_same_architecture"]
+           "check_positive", "check_finite_positive", "check_same_architecture",
+           "SAMPLER_FLAGS", "THREADS_FLAG"]
+
+# Upper bounds only for the lengths: their lower bounds and mutual rules (steps <= gen_length, block
+# divisibility) are sampling.settings.resolve_sampler_settings', shared by sample, evaluate and lm-eval.
+SAMPLER_FLAGS = (Flag("gen_length", hi=1 << 20), Flag("steps", hi=1 << 20), Flag("block_length", hi=1 << 20))
+THREADS_FLAG = Flag("threads", lo=1, hi=4096)
+SEED_FLAG = Flag("seed", lo=0, hi=MAX_SEED)
 
 
 def set_threads(n: int | None, flag: str = "--threads") -> None:

@@ -29,6 +29,17 @@ __all__ = ["main", "build_parser"]
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
+def _flags() -> tuple[Any, ...]:
+    """One rule per numeric flag; upper bounds where time or memory grows with the value."""
+    from fair_calib_ext.cli_common import SAMPLER_FLAGS, THREADS_FLAG
+    from fair_calib_ext.validate import Flag
+
+    return (Flag("n", lo=1, hi=10_000), Flag("n_ppl", lo=1, hi=10_000), Flag("n_metrics", lo=1, hi=10_000),
+            Flag("mc_num", lo=1, hi=4096), Flag("batch_size", lo=1, hi=4096),
+            Flag("seed", lo=0, hi=10**6 - 1),  # the task suite's split streams stay disjoint below 10**6
+            THREADS_FLAG, *SAMPLER_FLAGS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
     p = argparse.ArgumentParser(prog="python -m fair_calib_ext.evaluate", description=__doc__.split("\n")[0])
@@ -67,12 +78,9 @@ def _check_args(a: argparse.Namespace) -> None:
     from fair_calib_ext.eval.tasks import GEN_LENGTH
     from fair_calib_ext.models import load_generation_config, resolve_model_path
     from fair_calib_ext.sampling.settings import resolve_sampler_settings
+    from fair_calib_ext.validate import check_flags
 
-    if a.threads is not None and a.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {a.threads}")
-    for name in ("n", "n_metrics", "mc_num", "batch_size"):
-        if getattr(a, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    check_flags(a, _flags())
     try:
         expand_tasks(a.tasks)
     except ValueError as exc:  # expand_tasks names the unknown task and the valid ones

@@ -28,6 +28,16 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 
 
+def _flags() -> tuple[Any, ...]:
+    """One rule per numeric flag (the lengths' mutual rules are resolve_sampler_settings')."""
+    from .cli_common import SAMPLER_FLAGS, SEED_FLAG, THREADS_FLAG
+    from .validate import Flag
+
+    return (*SAMPLER_FLAGS, SEED_FLAG, THREADS_FLAG, Flag("temperature", "float", lo=0.0, hi=100.0),
+            Flag("cfg_scale", "float", lo=0.0, hi=100.0), Flag("top_p", "float", lo=0.0, lo_open=True, hi=1.0),
+            Flag("top_k", lo=0, hi=1 << 24), Flag("alg_temp", "float", lo=0.0, hi=100.0))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fair_calib_ext.sample",
                                 description="Generate with a LLaDA / Dream masked-diffusion model.")
@@ -132,7 +142,9 @@ def run(args: argparse.Namespace) -> int:
     from .models import load_generation_config, load_pretrained, load_tokenizer, resolve_model_path
     from .sampling import generate, left_pad
     from .sampling.settings import resolve_sampler_settings
+    from .validate import check_flags
 
+    check_flags(args, _flags())
     set_threads(args.threads)
     device = resolve_device(args.device)
     prompts = _read_prompts(args)

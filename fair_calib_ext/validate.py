@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import operator
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -46,10 +47,10 @@ def _range_text(lo: float | None, hi: float | None, lo_open: bool = False, hi_op
 def check_int(value: Any, name: str, *, lo: int | None = None, hi: int | None = None,
               exc: type[Exception] = ValueError) -> int:
     """``value`` as an int in ``[lo, hi]`` (bounds optional); bools and floats are refused."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool):
+        raise exc(f"{name} must be an integer, got {value!r}")
+    if not isinstance(value, int):
         try:  # numpy / torch integer scalars
-            import operator
-
             value = operator.index(value)
         except TypeError:
             raise exc(f"{name} must be an integer, got {value!r}") from None

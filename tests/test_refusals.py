@@ -27,7 +27,7 @@ pytestmark = [
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tiny-llada"
 EVAL_ARGS = ["--tasks", "add", "--n", "1", "--no-progress", "--device", "cpu"]
-SMALL = ["--nsamples", "2", "--seqlen", "16", "--epochs", "1", "--n-probe", "2"]
+SMALL = ["--nsamples", "2", "--seqlen", "16"]  # no --epochs: rtn refuses it
 
 
 def _one_line_2(rc: int, capsys: pytest.CaptureFixture[str], *needles: str) -> str:
@@ -98,7 +98,9 @@ def test_quantized_of_another_family_is_refused(tmp_path: Path, capsys: pytest.C
     (["--gen-length", "0"], "--gen-length must be >= 1"),
     (["--gen-length", "8", "--steps", "0"], "--steps must be >= 1"),
     (["--gen-length", "8", "--block-length", "3"], "divisible by --block-length"),
-    (["--gen-length", "8", "--steps", "100000000"], "--steps (100000000) must be <= --gen-length (8)"),
+    (["--gen-length", "8", "--steps", "1000"], "--steps (1000) must be <= --gen-length (8)"),
+    (["--gen-length", "8", "--steps", "100000000"], "--steps must be an integer <= 1048576, got 100000000"),
+    (["--gen-length", "100000000"], "--gen-length must be an integer <= 1048576, got 100000000"),
 ])
 def test_evaluate_validates_sampler_like_sample(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                 argv: list[str], needle: str) -> None:
@@ -128,12 +130,25 @@ def test_quantconfig_has_no_dead_clip_fields() -> None:
     (["--method", "rtn", "--gptq-block", "64"], "--gptq-block"),
     (["--method", "quarot", "--gptq-act-order"], "--gptq-act-order"),
     (["--method", "smoothquant", "--gptq-damp", "0.1"], "--gptq-damp"),
-    (["--method", "quarot+gptq", "--gptq-block", "0"], "--gptq-block must be >= 1"),
-    (["--method", "rtn", "--lr", "nan"], "--lr must be a finite number > 0"),
-    (["--method", "fair", "--clip-lr", "inf"], "--clip-lr must be a finite number > 0"),
-    (["--method", "gptq", "--gptq-damp", "-1"], "--gptq-damp must be a finite number > 0"),
-    (["--method", "rtn", "--threads", "-1"], "--threads must be >= 1"),
-    (["--method", "rtn", "--nsamples", "100000000"], "--nsamples 100000000"),
+    (["--method", "quarot+gptq", "--gptq-block", "0"], "--gptq-block must be an integer in [1, 65536], got 0"),
+    (["--method", "rtn", "--lr", "nan"], "--lr must be a finite number in (0, 10.0], got nan"),
+    (["--method", "fair", "--clip-lr", "inf"], "--clip-lr must be a finite number in (0, 10.0], got inf"),
+    (["--method", "gptq", "--gptq-damp", "-1"], "--gptq-damp must be a finite number in (0, 10.0], got -1.0"),
+    (["--method", "rtn", "--threads", "-1"], "--threads must be an integer in [1, 4096], got -1"),
+    (["--method", "rtn", "--nsamples", "100000000"], "--nsamples must be an integer in [1, 65536], got 100000000"),
+    # issue 20: flags that would have no effect are refused, not recorded in method_config
+    (["--method", "rtn", "--lr", "0.3", "--epochs", "7"], "--epochs, --lr have no effect with --method rtn"),
+    (["--method", "quarot+gptq", "--clip-lr", "0.1"], "--clip-lr has no effect with --method quarot+gptq"),
+    (["--method", "fair", "--sq-alpha", "0.7"], "--sq-alpha has no effect with --method fair"),
+    (["--method", "fair", "--prior-preset", "literal", "--prior-mode", "uniform", "--probe-steps", "4"],
+     "--probe-steps has no effect with a uniform prior"),
+    # issue 20: one line and exit 2 for every value out of its range (both sides of each limit are
+    # in test_calibrate_flag_limits)
+    (["--method", "rtn", "--seed", "-5"], "--seed must be an integer in [0, 999999], got -5"),
+    (["--method", "fair", "--probe-batch-size", "0"], "--probe-batch-size must be an integer in [1, 4096], got 0"),
+    (["--method", "fair", "--lambda1", "1e300"], "--lambda1 must be a finite number in [0.0, 1000000.0]"),
+    (["--method", "rtn", "--batch-size", "0"], "--batch-size must be an integer in [1, 4096], got 0"),
+    (["--method", "fair", "--epochs", "-1"], "--epochs must be an integer in [0, 10000], got -1"),
 ])
 def test_calibrate_refuses_before_work(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
                                        needle: str) -> None:
@@ -252,7 +267,7 @@ def test_cuda_without_cuda(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 @pytest.mark.parametrize("threads", ["-1", "0"])
 def test_sample_threads_must_be_positive(threads: str, capsys: pytest.CaptureFixture[str]) -> None:
     rc = sample_cli.main(["--model", MODEL, "--prompt", "x", "--gen-length", "4", "--threads", threads])
-    _one_line_2(rc, capsys, "--threads must be >= 1")
+    _one_line_2(rc, capsys, f"--threads must be an integer in [1, 4096], got {threads}")
 
 
 # -- §4: internal errors keep their traceback --------------------------------------------------
