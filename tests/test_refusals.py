@@ -142,6 +142,8 @@ def test_quantconfig_has_no_dead_clip_fields() -> None:
     (["--method", "fair", "--sq-alpha", "0.7"], "--sq-alpha has no effect with --method fair"),
     (["--method", "fair", "--prior-preset", "literal", "--prior-mode", "uniform", "--probe-steps", "4"],
      "--probe-steps has no effect with a uniform prior"),
+    (["--method", "fair", "--prior", "saved/prior", "--lambda1", "5"], "--lambda1 has no effect with --prior"),
+    (["--method", "fair", "--prior", "saved/prior", "--probe-policy", "noise"], "--probe-policy has no effect"),
     # issue 20: one line and exit 2 for every value out of its range (both sides of each limit are
     # in test_calibrate_flag_limits)
     (["--method", "rtn", "--seed", "-5"], "--seed must be an integer in [0, 999999], got -5"),
@@ -192,6 +194,31 @@ def test_out_validated_before_work(tmp_path: Path, capsys: pytest.CaptureFixture
     rc = evaluate_cli.main(["--model", MODEL, "--out", "/proc/fair_calib_test/e", *EVAL_ARGS])
     _one_line_2(rc, capsys, "--out")
     assert afile.read_text() == "x"
+
+
+@pytest.mark.parametrize("layout", ["same", "run-in-out", "out-in-run", "log-in-out"])
+def test_overlapping_outputs_refused_and_nothing_deleted(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         layout: str) -> None:
+    """issue 20: `--out X --run-dir X --overwrite` used to finish, then delete X with the run dir."""
+    x = tmp_path / "x"
+    x.mkdir()
+    (x / "mine.txt").write_text("keep")
+    out, run_dir, log = {"same": (x, x, None), "run-in-out": (x, x / "run", None),
+                         "out-in-run": (x / "q", x, None), "log-in-out": (x, tmp_path / "r", x / "log.jsonl")}[layout]
+    argv = ["--model", MODEL, "--method", "rtn", "--out", str(out), "--run-dir", str(run_dir), "--overwrite",
+            "--no-progress", *SMALL] + (["--log", str(log)] if log else [])
+    _one_line_2(calibrate_cli.main(argv), capsys, "must" if layout != "log-in-out" else "--log")
+    assert sorted(p.name for p in x.iterdir()) == ["mine.txt"] and (x / "mine.txt").read_text() == "keep"
+
+
+def test_finished_run_removes_only_its_own_files(tmp_path: Path) -> None:
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine")
+    argv = ["--model", MODEL, "--method", "rtn", "--out", str(tmp_path / "q"), "--run-dir", str(run_dir),
+            "--no-progress", *SMALL]
+    assert calibrate_cli.main(argv) == 0
+    assert [p.name for p in run_dir.iterdir()] == ["notes.txt"]
 
 
 def test_evaluate_refuses_non_empty_out_unless_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
