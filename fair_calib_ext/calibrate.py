@@ -200,6 +200,15 @@ def _refuse_unused_prior_flags(args: argparse.Namespace, spec: Any) -> None:
         refuse_unused(args, _PROBE_FLAGS, "with a uniform prior: no probe runs")
 
 
+def _load_prior(path: str) -> Any:
+    from .calib import PositionPrior
+
+    try:
+        return PositionPrior.load(path)
+    except (FileNotFoundError, ValueError) as exc:  # CheckpointError is a ValueError: names the file
+        raise UsageError(f"--prior {path}: {exc}") from None
+
+
 def _prior_spec_from_args(args: argparse.Namespace) -> Any:
     from .calib import prior_spec
 
@@ -369,6 +378,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = _prior_spec_from_args(args) if cfg.transform == "fair" else None
     if spec is not None:
         _refuse_unused_prior_flags(args, spec)
+    if args.prior:  # a damaged or missing prior file fails now, not after the model is read
+        _load_prior(args.prior)
     # memory and disk, from the config and the shard headers alone (the probe length is bounded
     # by the one the run will use: --probe-gen-length, or a quarter of the window)
     k_est = args.probe_gen_length or max(1, seqlen // 4)
@@ -421,10 +432,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     extra_files: dict[str, bytes | str] = {}
     if cfg.transform == "fair":
         if args.prior:
-            try:
-                prior = PositionPrior.load(args.prior)
-            except (FileNotFoundError, KeyError, ValueError) as exc:
-                raise UsageError(str(exc)) from None
+            prior = _load_prior(args.prior)
         elif spec.mode == "uniform":
             prior = PositionPrior(torch.ones(k), floor=1.0, mode="uniform", settings=spec.to_dict())
         else:

@@ -319,13 +319,57 @@ def test_clis_do_not_swallow_internal_errors(tmp_path: Path, monkeypatch: pytest
 
 
 # -- §4: resume files --------------------------------------------------------------------------
-def test_damaged_resume_state_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("state,needle", [
+    ('{"digest": "ab', "not valid JSON"),  # cut off mid-write by a crash
+    ("[1]", "expected an object"),
+    ('{"done": "abc"}', "field 'done' must be an integer"),
+    ('{"done": -1}', "field 'done' must be an integer in [0, 5], got -1"),
+    ('{"done": 99}', "field 'done' must be an integer in [0, 5], got 99"),
+    ('{"done": 0, "records": 5}', "field 'records' must be a list"),
+])
+def test_damaged_resume_state_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], state: str,
+                                          needle: str) -> None:
     run = tmp_path / "q.run"
     run.mkdir()
-    (run / "state.json").write_text('{"digest": "ab')  # cut off mid-write by a crash
+    (run / "state.json").write_text(state)
     rc = calibrate_cli.main(["--model", MODEL, "--method", "rtn", "--nsamples", "2", "--seqlen", "16",
                              "--out", str(tmp_path / "q"), "--no-progress"])
-    _one_line_2(rc, capsys, "state.json", str(run))
+    _one_line_2(rc, capsys, "state.json", str(run), needle)
+    assert (run / "state.json").read_text() == state  # the user's run dir is left as it was
+
+
+@pytest.mark.parametrize("meta,weights,needle", [
+    ('{"floor": 0.1, "mode": "both"', None, "prior.json: not valid JSON"),
+    ('{"floor": "low", "mode": "both"}', None, "field 'floor' must be a number"),
+    ('{"floor": -1, "mode": "both"}', None, "field 'floor' must be a finite number >= 0.0"),
+    ('{"floor": 0.1, "mode": "sideways"}', None, "field 'mode' must be one of"),
+    ('{"floor": 0.1}', None, "field 'mode' is missing"),
+    ('{"floor": 0.1, "mode": "both", "window": 3}', None, "field 'window' is 3 but prior.safetensors holds 4"),
+    ('{"floor": 0.1, "mode": "both"}', [1.0, float("nan")], "must be a non-empty 1-D tensor of finite values"),
+    ('{"floor": 0.1, "mode": "both"}', b"garbage", "prior.safetensors: not a prior's weights"),
+])
+def test_damaged_prior_file_is_one_line_before_the_model_is_read(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, meta: str,
+        weights: object, needle: str) -> None:
+    from safetensors.torch import save_file
+
+    import fair_calib_ext.models as models
+
+    st = tmp_path / "prior.safetensors"
+    if isinstance(weights, bytes):
+        st.write_bytes(weights)
+    else:
+        save_file({"weights": torch.tensor(weights or [1.0, 2.0, 3.0, 4.0])}, str(st))
+    (tmp_path / "prior.json").write_text(meta)
+
+    def no_load(*a: object, **k: object) -> None:
+        raise AssertionError("the model was read before the prior was checked")
+
+    monkeypatch.setattr(models, "load_pretrained", no_load)
+    rc = calibrate_cli.main(["--model", MODEL, "--method", "fair", "--prior", str(tmp_path / "prior"),
+                             "--out", str(tmp_path / "q"), "--no-progress", *SMALL])
+    _one_line_2(rc, capsys, "--prior", needle)
+    assert not (tmp_path / "q").exists()
 
 
 # -- §4: the lm-eval adapter picks a device it has ---------------------------------------------

@@ -138,3 +138,70 @@ def test_json_field_types_and_ranges() -> None:
         with pytest.raises(CheckpointError, match=match):
             json_field(d, key, "c.json", kind, **kw)
     json.dumps(d)
+
+
+# ---- damaged checkpoint files: one line naming the file (and the field), exit 2 -------------------
+
+def _cfg_with(**kw: object):
+    def edit(d: Path) -> None:
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**cfg, **kw}))
+    return edit
+
+
+def _write(name: str, text: str):
+    return lambda d: (d / name).write_text(text)
+
+
+def _shard_index(text: str):
+    def edit(d: Path) -> None:
+        (d / "model.safetensors").rename(d / "model-00001-of-00001.safetensors")
+        (d / "model.safetensors.index.json").write_text(text)
+    return edit
+
+
+DAMAGED = {
+    "config truncated": (_write("config.json", '{"d_model": 12'), "config.json: not valid JSON"),
+    "config a list": (_write("config.json", "[1]"), "config.json: expected an object"),
+    "config garbage bytes": (lambda d: (d / "config.json").write_bytes(b"\xff\x00\x01"), "config.json: cannot read"),
+    "n_layers huge": (_cfg_with(n_layers=10**9), "num_hidden_layers must be an integer in [1, 1024], got 1000000000"),
+    "d_model a string": (_cfg_with(d_model="abc"), "config.json: field 'd_model' must be an integer, got 'abc'"),
+    "d_model negative": (_cfg_with(d_model=-128), "field 'd_model' must be an integer >= 1, got -128"),
+    "n_heads zero": (_cfg_with(n_heads=0), "field 'n_heads' must be an integer >= 1, got 0"),
+    "eps a string": (_cfg_with(rms_norm_eps="x"), "field 'rms_norm_eps' must be a number"),
+    "unknown family": (_cfg_with(model_type="gpt2"), "unsupported model_type 'gpt2'"),
+    "generation_config truncated": (_write("generation_config.json", '{"steps":'), "generation_config.json: not valid"),
+    "generation_config a list": (_write("generation_config.json", "[]"), "generation_config.json: expected an object"),
+    "generation steps a string": (_write("generation_config.json", '{"steps": "many"}'),
+                                  "generation_config.json: field 'steps' must be an integer, got 'many'"),
+    "generation top_p out of range": (_write("generation_config.json", '{"top_p": 2}'), "field 'top_p' must be"),
+    "tokenizer.json truncated": (_write("tokenizer.json", '{"model":'), "tokenizer.json: not valid JSON"),
+    "tokenizer.json wrong shape": (_write("tokenizer.json", '{"model": 5}'), "cannot load the tokenizer"),
+    "tokenizer_config truncated": (_write("tokenizer_config.json", "{"), "tokenizer_config.json: not valid JSON"),
+    "shard index truncated": (_shard_index('{"weight_map": '), "model.safetensors.index.json: not a valid shard index"),
+    "shard index a list": (_shard_index("[]"), "model.safetensors.index.json: not a valid shard index"),
+    "safetensors truncated": (lambda d: (d / "model.safetensors").write_bytes(b"\x10\x00"), "model.safetensors: "),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED))
+def test_damaged_checkpoint_file_is_one_line(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    from fair_calib_ext.models import ASSETS_DIR
+
+    edit, needle = DAMAGED[case]
+    d = shutil.copytree(ASSETS_DIR / "tiny-llada", tmp_path / "m")
+    edit(d)
+    rc = sample_cli.main(["--model", str(d), "--prompt", "x", "--gen-length", "4"])
+    _one_line_2(rc, capsys, needle)
+
+
+def test_model_config_refuses_sizes_before_building() -> None:
+    from fair_calib_ext.models import build_model
+    from fair_calib_ext.models.testing import tiny_config
+
+    with pytest.raises(ValueError, match="num_hidden_layers must be an integer in"):
+        build_model(tiny_config("llada", num_hidden_layers=10**9))
+    with pytest.raises(ValueError, match="rms_norm_eps must be a finite number"):
+        tiny_config("dream", rms_norm_eps=float("nan"))

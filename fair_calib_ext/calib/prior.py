@@ -40,6 +40,9 @@ from typing import Any, Sequence
 
 import torch
 
+from ..errors import CheckpointError
+from ..validate import json_field, read_json
+
 __all__ = ["PositionPrior", "accumulate_trace", "finalize_prior", "probe_prior", "lambda0",
            "PRIOR_MODES", "LAMBDA0_SCHEDULES", "RELIABILITY", "PriorSpec", "PRIOR_PRESETS", "DEFAULT_PRIOR",
            "prior_spec", "ProbeStats", "probe_stats", "PROBE_POLICIES", "COMBINE", "rtn_student"]
@@ -122,9 +125,24 @@ class PositionPrior:
         st, js = base.with_suffix(".safetensors"), base.with_suffix(".json")
         if not st.is_file() or not js.is_file():
             raise FileNotFoundError(f"prior {base}: need both {st.name} and {js.name}")
-        meta = json.loads(js.read_text())
-        return cls(load_file(str(st))["weights"], floor=meta["floor"], mode=meta["mode"],
-                   settings=meta.get("settings", {}), outside=meta.get("outside"))
+        meta = read_json(js)
+        floor = json_field(meta, "floor", js, "float", lo=0.0)
+        mode = json_field(meta, "mode", js, "str")
+        if mode not in PRIOR_MODES:
+            raise CheckpointError(f"{js}: field 'mode' must be one of {PRIOR_MODES}, got {mode!r}")
+        settings = json_field(meta, "settings", js, "dict", default={})
+        outside = json_field(meta, "outside", js, "float", lo=0.0, nullable=True, default=None)
+        try:
+            weights = load_file(str(st))["weights"]
+        except Exception as exc:  # noqa: BLE001 - safetensors' own error types, a missing "weights"
+            raise CheckpointError(f"{st}: not a prior's weights ({type(exc).__name__}: {exc})") from None
+        if weights.dim() != 1 or weights.numel() == 0 or not torch.isfinite(weights).all() or (weights < 0).any():
+            raise CheckpointError(f"{st}: 'weights' must be a non-empty 1-D tensor of finite values >= 0, got "
+                                  f"shape {tuple(weights.shape)}")
+        window = json_field(meta, "window", js, "int", default=weights.numel())
+        if window != weights.numel():
+            raise CheckpointError(f"{js}: field 'window' is {window} but {st.name} holds {weights.numel()} weights")
+        return cls(weights, floor=floor, mode=mode, settings=settings, outside=outside)
 
     def plot(self, path: str | os.PathLike[str]) -> None:
         """PNG of the prior over the window."""

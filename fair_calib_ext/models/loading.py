@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..validate import json_field, read_json
 from ..quant.checkpoint import install_quant_modules, read_quantization_block
 from . import dream, llada
 from .config import ModelConfig
@@ -70,24 +71,41 @@ def resolve_model_path(path_or_name: str | os.PathLike[str]) -> Path:
 
 
 def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """config.json of a checkpoint directory as a dict."""
+    """config.json of a checkpoint directory as a dict (a damaged file: one line naming it)."""
     f = Path(path) / "config.json"
     if not f.is_file():
         raise CheckpointError(f"{path}: no config.json")
-    with open(f, encoding="utf-8") as fh:
-        return json.load(fh)
+    return read_json(f)
 
 
-def parse_official_config(cfg: dict[str, Any]) -> ModelConfig:
-    """Dispatch on ``model_type`` ("llada" or "Dream") to the family parser."""
+# integer fields of the LLaDA and Dream config.json files (their official names)
+_SIZE_KEYS = ("d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size", "mlp_ratio", "embedding_size",
+              "max_sequence_length", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings", "mask_token_id")
+
+
+def parse_official_config(cfg: dict[str, Any], source: str | os.PathLike[str] = "config.json") -> ModelConfig:
+    """Dispatch on ``model_type`` ("llada" or "Dream") to the family parser.
+
+    A missing, wrong-typed or out-of-range field is a :class:`CheckpointError` naming ``source``
+    (the file the dict was read from), raised before anything is built.
+    """
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
     mt = cfg.get("model_type")
-    if mt not in _FAMILIES:
-        # tolerate case differences ("dream"), but name the accepted spellings on failure
-        lower = {k.lower(): v for k, v in _FAMILIES.items()}
-        if isinstance(mt, str) and mt.lower() in lower:
-            return lower[mt.lower()].parse_config(cfg)
-        raise CheckpointError(f"unsupported model_type {mt!r}; expected one of {sorted(_FAMILIES)}")
-    return _FAMILIES[mt].parse_config(cfg)
+    family = _FAMILIES.get(mt) if isinstance(mt, str) else None
+    if family is None and isinstance(mt, str):  # tolerate case differences ("dream")
+        family = {k.lower(): v for k, v in _FAMILIES.items()}.get(mt.lower())
+    if family is None:
+        raise CheckpointError(f"{source}: unsupported model_type {mt!r}; expected one of {sorted(_FAMILIES)}")
+    for key in _SIZE_KEYS:  # named here; the upper limits are ModelConfig's
+        json_field(cfg, key, source, "int", lo=0 if key == "mask_token_id" else 1, nullable=True, default=None)
+    for key in ("rope_theta", "rms_norm_eps"):
+        json_field(cfg, key, source, "float", lo=0.0, lo_open=True, nullable=True, default=None)
+    try:
+        return family.parse_config(cfg)
+    except (ValueError, TypeError, KeyError, ZeroDivisionError) as exc:  # int("abc"), d // 0, a missing key
+        raise CheckpointError(f"{source}: {exc}") from None
 
 
 def _family_module(config: ModelConfig):
@@ -169,7 +187,7 @@ def load_pretrained(
         if stream_layers:
             raise CheckpointError(f"{path} is a quantized checkpoint: stream_layers applies to full-precision ones")
         return load_quantized(path, dtype=dtype, device=device)
-    config = parse_official_config(raw)
+    config = parse_official_config(raw, path / "config.json")
     fam = _family_module(config)
     device = torch.device(device)
 
@@ -248,7 +266,7 @@ def load_quantized(path: str | os.PathLike[str], *, dtype: torch.dtype | None = 
     p = resolve_model_path(path)
     raw = read_config(p)
     qconf = read_quantization_block(p, raw)
-    config = parse_official_config(raw)
+    config = parse_official_config(raw, p / "config.json")
     with torch.device("meta"):
         model = DiffusionLM(config)
         install_quant_modules(model, qconf, path=p, use_kernels=use_kernels)
@@ -376,13 +394,27 @@ def save_pretrained(
     return out
 
 
+# the generation_config.json fields the samplers read: kind and range (None is allowed: "not set")
+_GENERATION_FIELDS: dict[str, tuple[str, float | None, float | None, bool]] = {
+    "gen_length": ("int", 1, 1 << 20, False), "max_new_tokens": ("int", 1, 1 << 20, False),
+    "steps": ("int", 1, 1 << 20, False), "block_length": ("int", 1, 1 << 20, False),
+    "temperature": ("float", 0.0, None, False), "top_p": ("float", 0.0, 1.0, True),
+    "top_k": ("int", 0, None, False), "alg_temp": ("float", 0.0, None, False), "eps": ("float", 0.0, 1.0, True),
+    "remasking": ("str", None, None, False), "alg": ("str", None, None, False),
+}
+
+
 def load_generation_config(path_or_name: str | os.PathLike[str]) -> dict[str, Any]:
-    """generation_config.json of a checkpoint as a dict ({} when absent)."""
+    """generation_config.json of a checkpoint as a dict ({} when absent); a damaged file or a
+    sampler field of the wrong type or range is one line naming the file and the field."""
     f = resolve_model_path(path_or_name) / "generation_config.json"
     if not f.is_file():
         return {}
-    with open(f, encoding="utf-8") as fh:
-        return json.load(fh)
+    gc = read_json(f)
+    for key, (kind, lo, hi, lo_open) in _GENERATION_FIELDS.items():
+        if key in gc:
+            json_field(gc, key, f, kind, lo=lo, hi=hi, lo_open=lo_open, nullable=True)
+    return gc
 
 
 def load_tokenizer(path_or_name: str | os.PathLike[str]):
@@ -397,16 +429,24 @@ def load_tokenizer(path_or_name: str | os.PathLike[str]):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(path_or_name)
+    # the JSON files the tokenizer classes read, checked first: a damaged one is one line naming it,
+    # not a traceback from deep inside transformers / tokenizers
+    for name in ("config.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "vocab.json"):
+        if (path / name).is_file():
+            read_json(path / name)
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-    except (ValueError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - remote-code classes, or a file the library cannot parse
         first_error = exc
-    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-        from transformers import Qwen2Tokenizer
+    try:
+        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+            from transformers import Qwen2Tokenizer
 
-        return Qwen2Tokenizer.from_pretrained(str(path), local_files_only=True)
-    if (path / "tokenizer.json").is_file():
-        from transformers import PreTrainedTokenizerFast
+            return Qwen2Tokenizer.from_pretrained(str(path), local_files_only=True)
+        if (path / "tokenizer.json").is_file():
+            from transformers import PreTrainedTokenizerFast
 
-        return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+            return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises its own types for bad files
+        raise CheckpointError(f"{path}: cannot load the tokenizer ({type(exc).__name__}: {exc})") from None
     raise CheckpointError(f"{path}: cannot load the tokenizer without remote code ({first_error})")
