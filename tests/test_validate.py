@@ -205,3 +205,16 @@ def test_model_config_refuses_sizes_before_building() -> None:
         build_model(tiny_config("llada", num_hidden_layers=10**9))
     with pytest.raises(ValueError, match="rms_norm_eps must be a finite number"):
         tiny_config("dream", rms_norm_eps=float("nan"))
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"dtype": "float32"}, "dtype must be one of"),
+    ({"dtype": __import__("torch").int8}, "dtype must be one of"),
+    ({"device": "gpu"}, "device must be 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+    ({"device": 3.5}, "device must be"),
+])
+def test_load_pretrained_names_a_bad_dtype_or_device(kw: dict, match: str) -> None:
+    from fair_calib_ext.models import load_pretrained
+
+    with pytest.raises(ValueError, match=match):
+        load_pretrained("tiny-llada", **kw)

@@ -157,6 +157,23 @@ def _layer_key(native: str) -> tuple[int, str] | None:
     return int(idx), rel
 
 
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_dtype_device(dtype: Any, device: Any, fn: str) -> None:
+    """A floating dtype (or None: as stored) and a device this torch has, named when wrong."""
+    if dtype is not None and dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{fn}: dtype must be one of {', '.join(map(str, _FLOAT_DTYPES))} or None, got {dtype!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{fn}: device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{fn}: device {device!r}, but no CUDA device is available to this torch")
+    if dev.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"{fn}: device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
 def load_pretrained(
     path_or_name: str | os.PathLike[str],
     *,
@@ -181,6 +198,7 @@ def load_pretrained(
     from .streaming import CheckpointLayerSource
     from .weights import CheckpointTensors
 
+    _check_dtype_device(dtype, device, "load_pretrained")
     path = resolve_model_path(path_or_name)
     raw = read_config(path)
     if "quantization_config" in raw:
