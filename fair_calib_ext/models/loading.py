@@ -108,8 +108,16 @@ def parse_official_config(cfg: dict[str, Any], source: str | os.PathLike[str] = 
         raise CheckpointError(f"{source}: {exc}") from None
 
 
-def _family_module(config: ModelConfig):
-    return llada if config.family == "llada" else dream
+_BY_FAMILY = {"llada": llada, "dream": dream}  # ModelConfig.family -> the family's module
+
+
+def _family_module(config: ModelConfig):  # noqa: ANN202 - a module
+    """The family module of ``config``; a family nobody registered is refused, never taken for Dream."""
+    try:
+        return _BY_FAMILY[config.family]
+    except KeyError:
+        raise CheckpointError(f"model family {config.family!r} is not registered; known: {sorted(_BY_FAMILY)}") \
+            from None
 
 
 def official_config(config: ModelConfig) -> dict[str, Any]:
