@@ -18,7 +18,8 @@ from collections.abc import Iterator
 
 import torch
 
-from . import _C, _C_ERROR  # registers torch.ops.fair
+from ._ext import ERROR as _C_ERROR
+from ._ext import _C  # registers torch.ops.fair
 
 if _C is None:  # without the kernels there is nothing to wrap: say why, not "operator does not exist"
     raise ImportError(f"fair_calib_ext._C is not built or failed to load ({_C_ERROR}); "

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import _ext
 from .hadamard import hadamard_transform
 from .quantizer import check_codes, dequantize, fake_quant, pack_int4_ref, unpack_int4_ref
 
@@ -30,9 +31,7 @@ __all__ = ["OnlineTransform", "RefQuantLinear", "QuantLinear", "PendingLinear", 
 
 def kernels_available() -> bool:
     """True when the compiled ``fair`` ops (``fair_calib_ext._C``) loaded."""
-    import fair_calib_ext as pkg
-
-    return getattr(pkg, "_C", None) is not None
+    return _ext.available()
 
 
 _FALLBACK_WARNED = False  # one warning per process, however many layers fall back
@@ -43,10 +42,8 @@ def _warn_fallback() -> None:
     if _FALLBACK_WARNED:
         return
     _FALLBACK_WARNED = True
-    import fair_calib_ext as pkg
-
     warnings.warn(
-        f"fair_calib_ext._C did not load ({pkg._C_ERROR!r}): W4A4 layers run on the pure-torch "
+        f"fair_calib_ext._C did not load ({_ext.ERROR!r}): W4A4 layers run on the pure-torch "
         "fake-quant reference, not on the int4 kernels (same numerics up to fp32 rounding, much "
         "slower); install the package with `pip install .` to build the kernels",
         UserWarning, stacklevel=3)
@@ -75,14 +72,12 @@ def kernel_report(module: nn.Module | None = None) -> dict[str, Any]:
     """What calibration/evaluation logs record about the int4 path: ``kernel_path`` (see
     :func:`kernel_path`), ``cpu_isa`` (the CPU kernel path in use, None without the extension)
     and ``extension_error`` (why ``fair_calib_ext._C`` did not load, else None)."""
-    import fair_calib_ext as pkg
-
     isa = None
     if kernels_available():
-        from fair_calib_ext import ops
+        from .. import ops
 
         isa = ops.get_cpu_isa()
-    err = getattr(pkg, "_C_ERROR", None)
+    err = _ext.ERROR
     return {"kernel_path": kernel_path(module), "cpu_isa": isa,
             "extension_error": repr(err) if err is not None else None}
 
@@ -244,7 +239,7 @@ class QuantLinear(nn.Module):
                 _warn_fallback()
         self.uses_kernels = bool(use_kernels and w4a4)
         if self.uses_kernels:
-            from fair_calib_ext.nn import W4A4Linear
+            from ..nn import W4A4Linear
 
             self.linear: nn.Module = W4A4Linear(in_features, out_features, bias=bias, act_clip=float(act_clip))
         else:
@@ -302,7 +297,7 @@ def _pack(q: torch.Tensor) -> torch.Tensor:
     check_codes(q, 4)  # before the int8 cast, which could wrap a code into range
     if not kernels_available():
         return pack_int4_ref(q)
-    from fair_calib_ext import ops
+    from .. import ops
 
     return ops.pack_int4(q.to(torch.int8).contiguous())
 
