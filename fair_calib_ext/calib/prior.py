@@ -56,7 +56,7 @@ def lambda0(t: int, steps: int, schedule: str = "early", rate: float = 3.0) -> f
     """λ0(t) for the global step t in 1..T (``rate``: the decay of ``exp``)."""
     if schedule == "early":
         return (steps - t + 1) / steps
-    if schedule in ("flat", "const"):
+    if schedule == "flat":
         return 1.0
     if schedule == "late":
         return t / steps
@@ -313,7 +313,7 @@ class PriorSpec:
 
 
 # Candidate priors. The CLI default (DEFAULT_PRIOR) was chosen among the candidates whose window
-# max/min >= 1.5 on the *val* split only, by the rule in python/select_prior.py (lowest mean val
+# max/min >= 1.5 on the *val* split only, by the rule in python/reproduce.py (lowest mean val
 # frontier flip rate over both embedded models; within 0.10 points, higher val accuracy).
 PRIOR_PRESETS: dict[str, PriorSpec] = {
     "balanced": PriorSpec(combine="balanced", lambda1=1.0),  # the first default (flat)
