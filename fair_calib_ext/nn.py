@@ -131,11 +131,6 @@ class W4A4Linear(nn.Module):
         """The CPU prepacked weights (None off the CPU)."""
         return self._w_prepacked
 
-    def prepack(self) -> None:
-        """Kept for callers of the earlier API: the weights are prepacked whenever they are set."""
-        if self._w_public is not None and self._w_public.device.type == "cpu":
-            self.weight_packed = self._w_public
-
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - .to() / .cuda() / .cpu()
         super()._apply(fn, recurse)
         target = fn(torch.empty(0, dtype=torch.uint8, device=self.weight_scale.device))

@@ -255,9 +255,8 @@ class QuantLinear(nn.Module):
         m = cls(k, n, bias is not None, w_bits, a_bits, act_clip, transform, use_kernels)
         if m.uses_kernels:
             lin = m.linear
-            lin.weight_packed = _pack(q)
+            lin.weight_packed = _pack(q)  # on CPU the setter makes the kernel layout, once
             lin.weight_scale = scale.float().contiguous()
-            lin.prepack()  # CPU kernel layout, made once here (W4A4Linear re-makes it if stale)
         else:
             m.linear.set_weight(q, scale)
         if bias is not None:
