@@ -87,6 +87,7 @@ def _check_args(a: argparse.Namespace) -> None:
         raise UsageError(f"--tasks: {exc}") from None
     if a.labels is not None and len(a.labels) != len(a.quantized):
         raise UsageError(f"--labels has {len(a.labels)} names for {len(a.quantized)} --quantized dirs")
+    _check_labels(a.labels or [Path(d).name for d in a.quantized])
     if a.device is not None:
         resolve_device(a.device)
     resolve_model_path(a.model)
@@ -100,6 +101,19 @@ def _check_args(a: argparse.Namespace) -> None:
                              remasking=a.remasking, generation_config=load_generation_config(a.model),
                              default_gen_length=GEN_LENGTH)
     check_out_dir(a.out, overwrite=a.overwrite)
+
+
+def _check_labels(labels: list[str]) -> None:
+    """Row labels name the plot files (``prior_<label>.png`` in --out): each must be a plain,
+    unique file-name part, or a plot would land outside --out or overwrite another's."""
+    seen: set[str] = set()
+    for lb in labels:
+        if not lb or lb in (".", "..") or "/" in lb or "\\" in lb or "\0" in lb or lb == "FP":
+            raise UsageError(f"--labels {lb!r}: a row label must be a non-empty name without path separators "
+                             "(and not 'FP', the full-precision row)")
+        if lb in seen:
+            raise UsageError(f"--labels {lb!r} is given twice (pass --labels to name the --quantized dirs apart)")
+        seen.add(lb)
 
 
 def _find_prior(qdir: str) -> list[float] | None:

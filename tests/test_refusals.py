@@ -211,6 +211,30 @@ def test_overlapping_outputs_refused_and_nothing_deleted(tmp_path: Path, capsys:
     assert sorted(p.name for p in x.iterdir()) == ["mine.txt"] and (x / "mine.txt").read_text() == "keep"
 
 
+@pytest.mark.parametrize("labels,needle", [
+    (["../../escape"], "without path separators"),
+    (["a/b"], "without path separators"),
+    ([""], "non-empty"),
+    (["FP"], "not 'FP'"),
+    (["x", "x"], "'x' is given twice"),
+    (None, "'rtn' is given twice"),  # two dirs with the same name and no --labels
+])
+def test_evaluate_labels_that_would_misplace_plots_are_refused(qdir: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str],
+                                                               labels: list[str] | None, needle: str) -> None:
+    """Labels name the prior plots in --out: one with a path separator used to write outside it
+    (or fail after the whole evaluation), a repeated one to overwrite the other's plot."""
+    twin = _copy(qdir, tmp_path / "other" / "rtn")
+    lab = ["--labels", *labels] if labels is not None else []
+    if labels is not None and len(labels) == 1:
+        qdirs = [str(qdir)]
+    else:
+        qdirs = [str(qdir), str(twin)]
+    rc = evaluate_cli.main(["--model", MODEL, "--quantized", *qdirs, *lab, "--out", str(tmp_path / "e"), *EVAL_ARGS])
+    _one_line_2(rc, capsys, "--labels", needle)
+    assert not (tmp_path / "e").exists()
+
+
 def test_finished_run_removes_only_its_own_files(tmp_path: Path) -> None:
     run_dir = tmp_path / "r"
     run_dir.mkdir()
