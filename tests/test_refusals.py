@@ -272,6 +272,25 @@ def test_truncated_and_garbage_quantized_weights(qdir: Path, tmp_path: Path,
         _one_line_2(rc, capsys, needle, "model.safetensors")
 
 
+@pytest.mark.parametrize("value,needle", [(float("nan"), "has inf or NaN values"),
+                                          (float("inf"), "has inf or NaN values"),
+                                          (-1.0, "must be > 0"), (0.0, "must be > 0")])
+def test_quantized_scale_values_are_checked(qdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            value: float, needle: str) -> None:
+    """issue 20: a NaN, negative or zero per-channel scale used to load and run silently."""
+    from safetensors.torch import load_file, save_file
+
+    d = _copy(qdir, tmp_path / "q")
+    st = load_file(str(d / "model.safetensors"))
+    key = next(k for k in st if k.endswith("weight_scale"))
+    st[key][3] = value
+    save_file(st, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=needle):
+        load_pretrained(d)
+    rc = sample_cli.main(["--quantized", str(d), "--model", MODEL, "--prompt", "x", "--gen-length", "4"])
+    _one_line_2(rc, capsys, key, needle)
+
+
 def test_quantized_spec_and_shape_mismatch(qdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from safetensors.torch import load_file, save_file
 

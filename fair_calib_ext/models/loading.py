@@ -276,6 +276,15 @@ def load_pretrained(
     return model.eval()
 
 
+def _check_quantized_values(p: Path, name: str, t: torch.Tensor) -> None:
+    """A quantized layer's float tensors (scales, biases, transforms) must be finite, and its
+    per-channel scales > 0: a damaged or hand-edited value would give garbage outputs silently."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise CheckpointError(f"{p}: tensor {name} has inf or NaN values")
+    if name.endswith("weight_scale") and not bool((t > 0).all()):
+        raise CheckpointError(f"{p}: tensor {name} must be > 0 (per-channel scales), found {float(t.min())}")
+
+
 def load_quantized(path: str | os.PathLike[str], *, dtype: torch.dtype | None = torch.float32,
                    device: str | torch.device = "cpu", use_kernels: bool | None = None) -> nn.Module:
     """Rebuild a model saved by ``calib.save_quantized``; its linears run the packed int4 kernels.
@@ -332,6 +341,8 @@ def load_quantized(path: str | os.PathLike[str], *, dtype: torch.dtype | None = 
         for k in keys:
             want = None if k.startswith(qnames) else dtype
             state[k[len(prefix) + 1:]] = tensors.read(k, dtype=want)
+            if want is None and k.startswith(qnames):
+                _check_quantized_values(p, k, state[k[len(prefix) + 1:]])
         try:
             model.get_submodule(prefix).load_state_dict(state, strict=True, assign=True)
         except (RuntimeError, ValueError) as exc:  # out-of-range codes, wrong transform shapes
