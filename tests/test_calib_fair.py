@@ -10,9 +10,10 @@ import torch
 
 from fair_calib_ext.calib import (DEFAULT_PRIOR, PRIOR_PRESETS, CalibData, PositionPrior, build_aligned_data,
                                   calibrate, position_weights, prior_spec, probe_stats)
-from fair_calib_ext.calib.prior import accumulate_trace, finalize_prior
+from fair_calib_ext.calib.prior import finalize_prior
 from fair_calib_ext.eval.tasks import TASKS, make_examples
 from fair_calib_ext.models import build_model, load_pretrained, load_tokenizer
+from prior_reference import accumulate_trace  # tests/
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

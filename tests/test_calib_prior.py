@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from fair_calib_ext.calib.prior import PositionPrior, accumulate_trace, finalize_prior, lambda0
+from fair_calib_ext.calib.prior import PositionPrior, finalize_prior, lambda0
 from fair_calib_ext.sampling import Trace
+from prior_reference import accumulate_trace  # tests/
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -43,7 +43,7 @@ import torch
 from ..errors import CheckpointError
 from ..validate import json_field, read_json
 
-__all__ = ["PositionPrior", "accumulate_trace", "finalize_prior", "probe_prior", "lambda0",
+__all__ = ["PositionPrior", "finalize_prior", "probe_prior", "lambda0",
            "PRIOR_MODES", "LAMBDA0_SCHEDULES", "RELIABILITY", "PriorSpec", "PRIOR_PRESETS", "DEFAULT_PRIOR",
            "prior_spec", "ProbeStats", "probe_stats", "PROBE_POLICIES", "COMBINE", "rtn_student"]
 
@@ -180,26 +180,6 @@ def _row_normalised(c: torch.Tensor, mf: torch.Tensor) -> torch.Tensor:
     mean = (c * mf).sum(1, keepdim=True) / cnt.clamp(min=1)
     ok = (cnt > 0) & (mean.abs() > 0)
     return torch.where(ok, c / torch.where(ok, mean, torch.ones_like(mean)), torch.zeros_like(c)) * mf
-
-
-def accumulate_trace(trace: Any, f_acc: torch.Tensor, r_acc: torch.Tensor, *, lambda0_schedule: str = "early",
-                     lambda0_rate: float = 3.0, reliability: str = "prob", vocab_size: int | None = None,
-                     step_offset: int = 0, total_steps: int | None = None) -> None:
-    """Add one batch of rollouts (a filled Trace) into F [G] and R [G] in place.
-
-    ``trace.masked[t]``, ``commit[t]`` and the statistics are [B, G]. c̃ = c / mean(c over the
-    row's masked positions) (rows with no masked position add nothing).
-    """
-    steps = total_steps or len(trace.masked)
-    vocab = vocab_size or 2
-    for t in range(len(trace.masked)):
-        gstep = t + 1 + step_offset
-        m = trace.masked[t].bool()
-        c = trace.commit[t].bool()
-        f_acc += lambda0(gstep, steps, lambda0_schedule, lambda0_rate) * c.float().sum(0)
-        rel = _reliability(reliability, trace.prob[t].float(), trace.entropy[t].float(),
-                           trace.margin[t].float(), vocab)
-        r_acc += _row_normalised(rel, m.float()).sum(0)
 
 
 def finalize_prior(f_acc: torch.Tensor, r_acc: torch.Tensor, *, mode: str = "both", lambda1: float = 1.0,
