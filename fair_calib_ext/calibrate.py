@@ -297,6 +297,19 @@ def _check_paths(out: Path, run_dir: Path, log: str | None) -> None:
             raise UsageError(f"--log {log} must not be inside --out {out} or --run-dir {run_dir}")
 
 
+def _check_model_paths(model_path: Path, out: Path, run_dir: Path, log: str | None) -> None:
+    """Outputs that would replace, delete or append to the --model checkpoint are refused: with
+    --overwrite, --out is replaced as a whole, so an --out that is or holds the model would lose it."""
+    m = model_path.resolve()
+    for flag, d in (("--out", out), ("--run-dir", run_dir)):
+        r = d.resolve()
+        if r == m or r in m.parents:
+            raise UsageError(f"{flag} {d} is or contains the --model checkpoint {model_path}: it would be "
+                             "replaced or deleted; choose another directory")
+    if log is not None and m in Path(log).resolve().parents:
+        raise UsageError(f"--log {log} is inside the --model checkpoint {model_path}; choose a file elsewhere")
+
+
 def _check_budget(args: argparse.Namespace, mc: Any, cfg: Any, model_path: Path, seqlen: int, k: int,
                   act_dtype: torch.dtype, device: torch.device, spec: Any, out: Path, run_dir: Path) -> torch.dtype | None:
     """Refuse a run whose memory or disk estimate does not fit; returns the probe dtype (None: no probe)."""
@@ -363,6 +376,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _check_paths(out, run_dir, args.log)
     act_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.act_dtype]
     model_path = resolve_model_path(args.model)
+    _check_model_paths(model_path, out, run_dir, args.log)
     raw = read_config(model_path)
     if "quantization_config" in raw:
         raise UsageError(f"--model {args.model} is already quantized")

@@ -235,6 +235,28 @@ def test_evaluate_labels_that_would_misplace_plots_are_refused(qdir: Path, tmp_p
     assert not (tmp_path / "e").exists()
 
 
+@pytest.mark.parametrize("which", ["out", "out-parent", "run-dir", "log"])
+def test_outputs_never_replace_the_model(tmp_path: Path, capsys: pytest.CaptureFixture[str], which: str) -> None:
+    """issue 20: `--model D --out D --overwrite` used to replace the full-precision checkpoint
+    with the quantized one (its other files deleted)."""
+    model = _copy(ASSETS_DIR / MODEL, tmp_path / "runs" / "fp")
+    before = sorted(p.name for p in model.iterdir())
+    out, run_dir, log = tmp_path / "q", tmp_path / "r", None
+    if which == "out":
+        out = model
+    elif which == "out-parent":
+        out = tmp_path / "runs"
+    elif which == "run-dir":
+        run_dir = model
+    else:
+        log = model / "config.json"
+    argv = ["--model", str(model), "--method", "rtn", "--out", str(out), "--run-dir", str(run_dir), "--overwrite",
+            "--no-progress", *SMALL] + (["--log", str(log)] if log else [])
+    _one_line_2(calibrate_cli.main(argv), capsys, "--model checkpoint")
+    assert sorted(p.name for p in model.iterdir()) == before
+    assert "quantization_config" not in read_config(model)
+
+
 def test_finished_run_removes_only_its_own_files(tmp_path: Path) -> None:
     run_dir = tmp_path / "r"
     run_dir.mkdir()
