@@ -297,7 +297,8 @@ def _check_paths(out: Path, run_dir: Path, log: str | None) -> None:
             raise UsageError(f"--log {log} must not be inside --out {out} or --run-dir {run_dir}")
 
 
-def _check_model_paths(model_path: Path, out: Path, run_dir: Path, log: str | None) -> None:
+def _check_model_paths(model_path: Path, out: Path, run_dir: Path, log: str | None,
+                       inputs: dict[str, str | None]) -> None:
     """Outputs that would replace, delete or append to the --model checkpoint are refused: with
     --overwrite, --out is replaced as a whole, so an --out that is or holds the model would lose it."""
     m = model_path.resolve()
@@ -308,6 +309,10 @@ def _check_model_paths(model_path: Path, out: Path, run_dir: Path, log: str | No
                              "replaced or deleted; choose another directory")
     if log is not None and m in Path(log).resolve().parents:
         raise UsageError(f"--log {log} is inside the --model checkpoint {model_path}; choose a file elsewhere")
+    for flag, f in inputs.items():  # the log is appended to: never to a file the run reads
+        if log is not None and f is not None and Path(log).resolve() in (Path(f).resolve(),
+                                                                          Path(f).resolve().with_suffix(".json")):
+            raise UsageError(f"--log {log} is the {flag} input file; choose another file")
 
 
 def _check_budget(args: argparse.Namespace, mc: Any, cfg: Any, model_path: Path, seqlen: int, k: int,
@@ -376,7 +381,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _check_paths(out, run_dir, args.log)
     act_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.act_dtype]
     model_path = resolve_model_path(args.model)
-    _check_model_paths(model_path, out, run_dir, args.log)
+    _check_model_paths(model_path, out, run_dir, args.log, {"--calib-data": args.calib_data, "--prior": args.prior})
     raw = read_config(model_path)
     if "quantization_config" in raw:
         raise UsageError(f"--model {args.model} is already quantized")

@@ -257,6 +257,15 @@ def test_outputs_never_replace_the_model(tmp_path: Path, capsys: pytest.CaptureF
     assert "quantization_config" not in read_config(model)
 
 
+def test_log_is_never_an_input_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "calib.txt"
+    data.write_text("some text to calibrate on\n" * 4)
+    argv = ["--model", MODEL, "--method", "rtn", "--calib-data", str(data), "--log", str(data),
+            "--out", str(tmp_path / "q"), "--no-progress", *SMALL]
+    _one_line_2(calibrate_cli.main(argv), capsys, "--log", "is the --calib-data input file")
+    assert data.read_text() == "some text to calibrate on\n" * 4
+
+
 def test_finished_run_removes_only_its_own_files(tmp_path: Path) -> None:
     run_dir = tmp_path / "r"
     run_dir.mkdir()
