@@ -290,6 +290,13 @@ def test_bad_arguments_dream_schedule(kw, match):
         generate(static_model("dream"), torch.tensor([[5, 6]]), gen_length=8, **kw)
 
 
+@pytest.mark.parametrize("ids", [[[5, 6.0]], [[5, -1]], [[5, 10**6]], [[True, False]]])
+def test_prompt_ids_must_be_token_ids(ids):
+    t = torch.tensor(ids)
+    with pytest.raises(ValueError, match="prompt_ids must be integer token ids in"):
+        generate(static_model("llada"), t, gen_length=4, steps=4)
+
+
 def test_limits_accept_their_edges():
     """Both sides of each limit: steps == gen_length, temperature 0, top_p 1 and alg_temp 0 run."""
     generate(static_model("llada"), torch.tensor([[5, 6]]), gen_length=8, steps=8, temperature=0.0)

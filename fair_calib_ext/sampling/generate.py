@@ -418,6 +418,11 @@ def generate(
         prompt_ids = prompt_ids[None]
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
         raise ValueError(f"prompt_ids must be [B, P] with P >= 1, got shape {tuple(prompt_ids.shape)}")
+    vocab = getattr(cfg, "vocab_size", None)
+    if prompt_ids.is_floating_point() or prompt_ids.is_complex() or prompt_ids.dtype == torch.bool or (
+            vocab is not None and not bool(((prompt_ids >= 0) & (prompt_ids < vocab)).all())):
+        raise ValueError(f"prompt_ids must be integer token ids in [0, {vocab}), got {prompt_ids.dtype} values in "
+                         f"[{prompt_ids.min().item()}, {prompt_ids.max().item()}]")
     # every step commits at least one token, so steps > gen_length cannot help (and a huge value
     # never returns); NaN/inf temperatures or scales would decode garbage without an error
     gen_length = check_int(gen_length, "gen_length", lo=1)
