@@ -322,6 +322,24 @@ def test_quantized_scale_values_are_checked(qdir: Path, tmp_path: Path, capsys: 
     _one_line_2(rc, capsys, key, needle)
 
 
+@pytest.mark.parametrize("key,value,needle", [
+    ("act_clip", "x", "field 'act_clip' must be a number"),
+    ("act_clip", -1.0, "field 'act_clip' must be a finite number in (0.0, 1000000.0]"),
+    ("in_features", 10**9, "field 'in_features' must be an integer in [1, 1048576]"),
+    ("bias", "yes", "field 'bias' must be a bool"),
+    ("transform", [1], "field 'transform' must be a dict"),
+])
+def test_quantized_spec_values_are_checked(qdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           key: str, value: object, needle: str) -> None:
+    d = _copy(qdir, tmp_path / "q")
+    cfg = json.loads((d / "config.json").read_text())
+    name = next(iter(cfg["quantization_config"]["modules"]))
+    cfg["quantization_config"]["modules"][name][key] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    rc = sample_cli.main(["--quantized", str(d), "--model", MODEL, "--prompt", "x", "--gen-length", "4"])
+    _one_line_2(rc, capsys, f"spec of {name}", needle)
+
+
 def test_quantized_spec_and_shape_mismatch(qdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from safetensors.torch import load_file, save_file
 
