@@ -532,7 +532,10 @@ def test_int4_contract_lives_in_the_repo() -> None:
 
 
 @pytest.mark.parametrize("kw", [dict(lr=float("nan")), dict(clip_lr=-1.0), dict(gptq_block=0), dict(gptq_damp=0.0),
-                                dict(sq_alpha=1.5)])
+                                dict(sq_alpha=1.5), dict(epochs=-1), dict(epochs=1.5), dict(batch_size=0),
+                                dict(seed=-3), dict(flat_alpha=float("nan")), dict(weight_decay=-1.0),
+                                dict(lr_min_ratio=2.0), dict(quarot_act_clip=0.0), dict(fp_inputs="yes"),
+                                dict(w_clip_search=1)])
 def test_method_config_refuses_values_that_break_a_run(kw: dict) -> None:
     from fair_calib_ext.calib import MethodConfig
 
