@@ -255,7 +255,6 @@ def test_registration_after_plain_package_import(tmp_path):
     """`import fair_calib_ext` alone registers the Auto classes, without importing transformers."""
     import os
     import subprocess
-    from pathlib import Path
 
     path = tiny_checkpoint(tmp_path / "m", "llada")
     code = (
@@ -265,7 +264,6 @@ def test_registration_after_plain_package_import(tmp_path):
         f"m = AutoModel.from_pretrained({str(path)!r})\n"
         "print(type(m).__name__, m.config.family)\n"
     )
-    root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=PKG_PARENT, OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
     assert res.returncode == 0, res.stderr

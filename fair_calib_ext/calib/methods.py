@@ -213,7 +213,7 @@ class SmoothQuantTransform(Transform):
         mc = ctx.model_config
         for role in ("qkv", "up_gate", "o", "down"):
             lins = [layer.get_submodule(nm) for nm in lm[role]]
-            wmax = torch.cat([l.weight.float().abs() for l in lins], 0).amax(0).clamp(min=1e-5)
+            wmax = torch.cat([lin.weight.float().abs() for lin in lins], 0).amax(0).clamp(min=1e-5)
             act = stats[role].to(wmax.device)
             s = (act.clamp(min=1e-5).pow(a) / wmax.pow(1 - a)).clamp(1e-5, 1e5)
             if role == "o":
@@ -232,8 +232,8 @@ class SmoothQuantTransform(Transform):
             else:
                 norm = layer.get_submodule(lm["norms"][role])
                 norm.weight.data = (norm.weight.float() / s).to(norm.weight.dtype)
-            for l in lins:
-                l.weight.data = (l.weight.float() * s[None, :]).to(l.weight.dtype)
+            for lin in lins:
+                lin.weight.data = (lin.weight.float() * s[None, :]).to(lin.weight.dtype)
         super().transform_block(layer, ctx)
 
 
