@@ -4,15 +4,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-import torch  # noqa: F401,E402  (loads libtorch before the extension that links it)
-
-try:  # importing _C runs the TORCH_LIBRARY registrations of the fair:: ops
-    from . import _C  # noqa: F401
-
-    _C_ERROR: Exception | None = None
-except ImportError as exc:  # pure-Python parts stay importable without the extension
-    _C = None
-    _C_ERROR = exc
+# the compiled ops, loaded once in ._ext (None and the reason when not built)
+from ._ext import ERROR as _C_ERROR  # noqa: E402,F401
+from ._ext import _C  # noqa: E402,F401
 
 if _C is not None:
     from . import ops  # noqa: F401,E402  (fake impls and autograd for the ops)

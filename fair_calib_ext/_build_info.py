@@ -16,7 +16,8 @@ def build_info() -> dict[str, Any]:
     """
     import torch
 
-    from . import _C, _C_ERROR
+    from ._ext import ERROR as _C_ERROR
+    from ._ext import _C
 
     if _C is None:
         raise ImportError(f"fair_calib_ext._C is not built or failed to load: {_C_ERROR}")

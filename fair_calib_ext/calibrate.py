@@ -33,6 +33,7 @@ import torch
 from .calib.prior import (COMBINE, DEFAULT_PRIOR, LAMBDA0_SCHEDULES, PRIOR_MODES, PRIOR_PRESETS, PROBE_POLICIES,
                           RELIABILITY)
 from .errors import UsageError, report
+from .validate import Flag
 
 __all__ = ["main", "build_calibration_data"]
 
@@ -95,14 +96,16 @@ def _parser() -> argparse.ArgumentParser:
                         "default: the embedded corpus (fair_calib_ext.eval.corpus calibration split)")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=None, help="default: min(1024, model context)")
-    p.add_argument("--epochs", type=int, default=15)
+    # None = not given: the MethodConfig default, and a learning flag given to a method that does not
+    # learn is refused instead of being recorded in method_config
+    p.add_argument("--epochs", type=int, default=None, help="flatquant / fair only (default 15)")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--clip-lr", type=float, default=5e-2)
+    p.add_argument("--lr", type=float, default=None, help="flatquant / fair only (default 5e-3)")
+    p.add_argument("--clip-lr", type=float, default=None, help="flatquant / fair only (default 5e-2)")
     p.add_argument("--fp-inputs", action=argparse.BooleanOptionalAction, default=None,
                    help="student blocks see FP inputs (FlatQuant's convention) instead of the quantized "
                         "prefix's outputs (default: on for flatquant, as in REPORT.md, off otherwise)")
-    p.add_argument("--sq-alpha", type=float, default=0.5)
+    p.add_argument("--sq-alpha", type=float, default=None, help="smoothquant only (default 0.5)")
     p.add_argument("--act-clip", type=float, default=None,
                    help="fixed activation clip (default: method's; not for flatquant/fair, which learn it)")
     p.add_argument("--w-clip-search", choices=("auto", "on", "off"), default="auto",
@@ -158,9 +161,52 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# One rule per numeric flag, checked before any work; an upper bound wherever memory or time grows
+# with the value (the memory budget then refines nsamples / seqlen / probe-batch-size for the model).
+FLAGS = (
+    Flag("nsamples", lo=1, hi=1 << 16), Flag("seqlen", lo=2, hi=1 << 20), Flag("epochs", lo=0, hi=10_000),
+    Flag("batch_size", lo=1, hi=4096), Flag("lr", "float", lo=0, lo_open=True, hi=10.0),
+    Flag("clip_lr", "float", lo=0, lo_open=True, hi=10.0), Flag("sq_alpha", "float", lo=0.0, hi=1.0),
+    Flag("act_clip", "float", lo=0, lo_open=True, hi=1.0), Flag("gptq_damp", "float", lo=0, lo_open=True, hi=10.0),
+    Flag("gptq_block", lo=1, hi=1 << 16), Flag("lambda0_rate", "float", lo=0.0, hi=1e6),
+    Flag("lambda1", "float", lo=0.0, hi=1e6), Flag("floor", "float", lo=0.0, hi=1e6),
+    Flag("outside_weight", "float", lo=0.0, hi=1e6), Flag("n_probe", lo=1, hi=1 << 16),
+    Flag("probe_gen_length", lo=1, hi=1 << 20), Flag("probe_steps", lo=1, hi=1 << 20),
+    Flag("probe_block", lo=1, hi=1 << 20), Flag("probe_batch_size", lo=1, hi=4096),
+    Flag("seed", lo=0, hi=10**6 - 1),  # the embedded corpus's split streams stay disjoint below 10**6
+    Flag("threads", lo=1, hi=4096),
+)
+
 _PRIOR_FLAGS = ("prior", "prior_preset", "probe_policy", "prior_mode", "prior_combine", "lambda0", "lambda0_rate",
                 "lambda1", "reliability", "floor", "outside_weight", "probe_gen_length", "probe_steps", "probe_block",
                 "probe_dtype")
+
+
+# the probe that measures a prior, and the flags that shape the prior from its statistics
+# (--probe-gen-length is not one: it also sets how far aligned samples are filled, prior or not)
+_PROBE_FLAGS = ("probe_policy", "probe_steps", "probe_block", "probe_dtype")
+_SHAPE_FLAGS = ("prior_preset", "prior_mode", "prior_combine", "lambda0", "lambda0_rate", "lambda1", "reliability",
+                "floor", "outside_weight")
+
+
+def _refuse_unused_prior_flags(args: argparse.Namespace, spec: Any) -> None:
+    """A saved --prior is used as it is (no probe, no reshaping); a uniform prior runs no probe."""
+    from .validate import refuse_unused
+
+    if args.prior:
+        refuse_unused(args, (*_PROBE_FLAGS, *_SHAPE_FLAGS), f"with --prior {args.prior}: a saved prior is used as "
+                      "saved (drop --prior to measure a new one)")
+    elif spec.mode == "uniform":
+        refuse_unused(args, _PROBE_FLAGS, "with a uniform prior: no probe runs")
+
+
+def _load_prior(path: str) -> Any:
+    from .calib import PositionPrior
+
+    try:
+        return PositionPrior.load(path)
+    except (FileNotFoundError, ValueError) as exc:  # CheckpointError is a ValueError: names the file
+        raise UsageError(f"--prior {path}: {exc}") from None
 
 
 def _prior_spec_from_args(args: argparse.Namespace) -> Any:
@@ -180,6 +226,7 @@ def method_config(args: argparse.Namespace) -> Any:
     from .calib import MethodConfig
     from .calib.methods import parse_method
     from .cli_common import check_finite_positive, check_positive
+    from .validate import refuse_unused
     from .quant import QuantConfig
 
     try:
@@ -189,9 +236,13 @@ def method_config(args: argparse.Namespace) -> Any:
     for name in ("lr", "clip_lr", "gptq_damp"):
         check_finite_positive(getattr(args, name), f"--{name.replace('_', '-')}")
     check_positive(args.gptq_block, "--gptq-block")
-    if not (math.isfinite(args.sq_alpha) and 0.0 <= args.sq_alpha <= 1.0):
+    if args.sq_alpha is not None and not (math.isfinite(args.sq_alpha) and 0.0 <= args.sq_alpha <= 1.0):
         raise UsageError(f"--sq-alpha must be in [0, 1], got {args.sq_alpha}")
     learns = transform in ("flatquant", "fair")
+    if not learns:
+        refuse_unused(args, ("epochs", "lr", "clip_lr"), f"with --method {args.method}: only flatquant and fair train")
+    if transform != "smoothquant":
+        refuse_unused(args, ("sq_alpha",), f"with --method {args.method}: it is SmoothQuant's migration strength")
     if learns and args.act_clip is not None:
         raise UsageError(f"--act-clip does not apply to --method {args.method}: it learns its activation clips "
                          "(use it with rtn, smoothquant, quarot or gptq)")
@@ -210,10 +261,10 @@ def method_config(args: argparse.Namespace) -> Any:
     wcs = {"auto": None, "on": True, "off": False}[args.w_clip_search]
     # flatquant as REPORT.md (python/reproduce.py) runs it: FP block inputs, FlatQuant's own convention
     fp_inputs = args.fp_inputs if args.fp_inputs is not None else transform == "flatquant"
-    gptq = {k: v for k, v in (("gptq_damp", args.gptq_damp), ("gptq_block", args.gptq_block)) if v is not None}
-    cfg = MethodConfig(method=args.method, quant=quant, seed=args.seed, fp_inputs=fp_inputs,
-                       sq_alpha=args.sq_alpha, w_clip_search=wcs, gptq_act_order=args.gptq_act_order,
-                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, clip_lr=args.clip_lr, **gptq)
+    given = {k: getattr(args, k) for k in ("gptq_damp", "gptq_block", "sq_alpha", "epochs", "lr", "clip_lr")
+             if getattr(args, k) is not None}
+    cfg = MethodConfig(method=args.method, quant=quant, seed=args.seed, fp_inputs=fp_inputs, w_clip_search=wcs,
+                       gptq_act_order=args.gptq_act_order, batch_size=args.batch_size, **given)
     if args.act_clip is not None and cfg.transform == "quarot":
         cfg.quarot_act_clip = args.act_clip
     return cfg
@@ -244,6 +295,24 @@ def _check_paths(out: Path, run_dir: Path, log: str | None) -> None:
         lg = Path(log).resolve()
         if lg == o or o in lg.parents or lg == r or r in lg.parents:
             raise UsageError(f"--log {log} must not be inside --out {out} or --run-dir {run_dir}")
+
+
+def _check_model_paths(model_path: Path, out: Path, run_dir: Path, log: str | None,
+                       inputs: dict[str, str | None]) -> None:
+    """Outputs that would replace, delete or append to the --model checkpoint are refused: with
+    --overwrite, --out is replaced as a whole, so an --out that is or holds the model would lose it."""
+    m = model_path.resolve()
+    for flag, d in (("--out", out), ("--run-dir", run_dir)):
+        r = d.resolve()
+        if r == m or r in m.parents:
+            raise UsageError(f"{flag} {d} is or contains the --model checkpoint {model_path}: it would be "
+                             "replaced or deleted; choose another directory")
+    if log is not None and m in Path(log).resolve().parents:
+        raise UsageError(f"--log {log} is inside the --model checkpoint {model_path}; choose a file elsewhere")
+    for flag, f in inputs.items():  # the log is appended to: never to a file the run reads
+        if log is not None and f is not None and Path(log).resolve() in (Path(f).resolve(),
+                                                                          Path(f).resolve().with_suffix(".json")):
+            raise UsageError(f"--log {log} is the {flag} input file; choose another file")
 
 
 def _check_budget(args: argparse.Namespace, mc: Any, cfg: Any, model_path: Path, seqlen: int, k: int,
@@ -292,15 +361,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from .calib.layerwise import model_kernel_report, peak_memory_mb
     from .cli_common import check_out_dir, check_out_file, resolve_device, set_threads
     from .models import load_pretrained, load_tokenizer, parse_official_config, read_config, resolve_model_path
+    from .validate import check_flags
 
     t_start = time.time()
     # every argument and output path is checked before the model is read
+    check_flags(args, FLAGS)
     set_threads(args.threads)
     cfg = method_config(args)
     quant = cfg.quant
-    for name in ("nsamples", "epochs", "batch_size", "n_probe"):
-        if getattr(args, name) < (0 if name == "epochs" else 1):
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     device = resolve_device(args.device)
     out = check_out_dir(args.out, overwrite=args.overwrite)
     run_dir = Path(args.run_dir) if args.run_dir else out.with_name(out.name + ".run")
@@ -312,6 +380,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _check_paths(out, run_dir, args.log)
     act_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.act_dtype]
     model_path = resolve_model_path(args.model)
+    _check_model_paths(model_path, out, run_dir, args.log, {"--calib-data": args.calib_data, "--prior": args.prior})
     raw = read_config(model_path)
     if "quantization_config" in raw:
         raise UsageError(f"--model {args.model} is already quantized")
@@ -325,6 +394,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"{', '.join(given)}: prior options are used by --method fair only "
                              f"(got --method {args.method})")
     spec = _prior_spec_from_args(args) if cfg.transform == "fair" else None
+    if spec is not None:
+        _refuse_unused_prior_flags(args, spec)
+    if args.prior:  # a damaged or missing prior file fails now, not after the model is read
+        _load_prior(args.prior)
     # memory and disk, from the config and the shard headers alone (the probe length is bounded
     # by the one the run will use: --probe-gen-length, or a quarter of the window)
     k_est = args.probe_gen_length or max(1, seqlen // 4)
@@ -377,10 +450,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     extra_files: dict[str, bytes | str] = {}
     if cfg.transform == "fair":
         if args.prior:
-            try:
-                prior = PositionPrior.load(args.prior)
-            except (FileNotFoundError, KeyError, ValueError) as exc:
-                raise UsageError(str(exc)) from None
+            prior = _load_prior(args.prior)
         elif spec.mode == "uniform":
             prior = PositionPrior(torch.ones(k), floor=1.0, mode="uniform", settings=spec.to_dict())
         else:

@@ -14,9 +14,18 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError
+from .validate import MAX_SEED, Flag
 
 __all__ = ["set_threads", "resolve_device", "check_out_dir", "check_out_file", "require_quantized",
-           "check_positive", "check_finite_positive"]
+           "check_positive", "check_finite_positive", "check_same_architecture",
+           "SAMPLER_FLAGS", "THREADS_FLAG"]
+
+# Upper bounds only for the lengths: their lower bounds and mutual rules (steps <= gen_length, block
+# divisibility) are sampling.settings.resolve_sampler_settings', shared by sample, evaluate and lm-eval.
+SAMPLER_FLAGS = (Flag("gen_length", hi=1 << 20), Flag("steps", hi=1 << 20), Flag("block_length", hi=1 << 20),
+                 Flag("threshold", "float", lo=0.0, lo_open=True, hi=1.0))  # Fast-dLLM's confidence threshold
+THREADS_FLAG = Flag("threads", lo=1, hi=4096)
+SEED_FLAG = Flag("seed", lo=0, hi=MAX_SEED)
 
 
 def set_threads(n: int | None, flag: str = "--threads") -> None:
@@ -97,6 +106,29 @@ def require_quantized(path: str, flag: str = "--quantized") -> None:
         raise UsageError(f"{flag} {path}: config.json has no quantization_config, so this is a "
                          "full-precision checkpoint; pass it as --model, or a directory written by "
                          "fair_calib_ext.calibrate")
+
+
+# what must agree between a --model and a quantized checkpoint compared with it or sharing its tokenizer
+_ARCH_FIELDS = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "head_dim", "mask_token_id")
+
+
+def check_same_architecture(model: str, quantized: str, flag: str = "--quantized") -> None:
+    """A quantized checkpoint must be of the --model's family and shape: evaluating one against
+    another model's teacher (or decoding it with another tokenizer) would report numbers that mean
+    nothing. Compares the two config.json files, before any weight is read."""
+    from .errors import CheckpointError
+    from .models import parse_official_config, read_config, resolve_model_path
+
+    try:
+        ref = parse_official_config(read_config(resolve_model_path(model)))
+        q = parse_official_config(read_config(resolve_model_path(quantized)))
+    except CheckpointError as exc:
+        raise UsageError(f"{flag} {quantized} / --model {model}: {exc}") from None
+    diff = [f"{f} {getattr(q, f)} vs {getattr(ref, f)}" for f in _ARCH_FIELDS if getattr(q, f) != getattr(ref, f)]
+    if diff:
+        raise UsageError(f"{flag} {quantized} was not made from --model {model}: its config.json differs in "
+                         f"{'; '.join(diff)} (quantized vs model)")
 
 
 def check_positive(value: int | None, flag: str) -> None:

@@ -29,6 +29,17 @@ __all__ = ["main", "build_parser"]
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
+def _flags() -> tuple[Any, ...]:
+    """One rule per numeric flag; upper bounds where time or memory grows with the value."""
+    from fair_calib_ext.cli_common import SAMPLER_FLAGS, THREADS_FLAG
+    from fair_calib_ext.validate import Flag
+
+    return (Flag("n", lo=1, hi=10_000), Flag("n_ppl", lo=1, hi=10_000), Flag("n_metrics", lo=1, hi=10_000),
+            Flag("mc_num", lo=1, hi=4096), Flag("batch_size", lo=1, hi=4096),
+            Flag("seed", lo=0, hi=10**6 - 1),  # the task suite's split streams stay disjoint below 10**6
+            THREADS_FLAG, *SAMPLER_FLAGS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
     p = argparse.ArgumentParser(prog="python -m fair_calib_ext.evaluate", description=__doc__.split("\n")[0])
@@ -68,23 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_args(a: argparse.Namespace) -> None:
     """Everything that can be checked before loading a model: flags, inputs, outputs, sampler."""
-    from fair_calib_ext.cli_common import check_out_dir, require_quantized, resolve_device
+    from fair_calib_ext.cli_common import check_out_dir, check_same_architecture, require_quantized, resolve_device
     from fair_calib_ext.eval.runner import expand_tasks
     from fair_calib_ext.eval.tasks import GEN_LENGTH
     from fair_calib_ext.models import load_generation_config, resolve_model_path
     from fair_calib_ext.sampling.settings import resolve_sampler_settings
+    from fair_calib_ext.validate import check_flags
 
-    if a.threads is not None and a.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {a.threads}")
-    for name in ("n", "n_metrics", "mc_num", "batch_size"):
-        if getattr(a, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    check_flags(a, _flags())
     try:
         _, _, want_metrics = expand_tasks(a.tasks)
     except ValueError as exc:  # expand_tasks names the unknown task and the valid ones
         raise UsageError(f"--tasks: {exc}") from None
     if a.labels is not None and len(a.labels) != len(a.quantized):
         raise UsageError(f"--labels has {len(a.labels)} names for {len(a.quantized)} --quantized dirs")
+    _check_labels(a.labels or [Path(d).name for d in a.quantized])
     if a.device is not None:
         resolve_device(a.device)
     resolve_model_path(a.model)
@@ -92,6 +101,7 @@ def _check_args(a: argparse.Namespace) -> None:
         if not Path(d).is_dir():
             raise UsageError(f"--quantized {d}: no such directory")
         require_quantized(d)
+        check_same_architecture(a.model, d)  # flips against another model's teacher would mean nothing
     # the same validation as `sample` (one shared resolver): nothing is silently replaced
     st = resolve_sampler_settings(gen_length=a.gen_length, steps=a.steps, block_length=a.block_length,
                                   remasking=a.remasking, generation_config=load_generation_config(a.model),
@@ -112,6 +122,19 @@ def _family(model: str) -> str | None:
     except (OSError, ValueError):
         return None
     return {"dream": "dream", "llada": "llada"}.get(mt)
+
+
+def _check_labels(labels: list[str]) -> None:
+    """Row labels name the plot files (``prior_<label>.png`` in --out): each must be a plain,
+    unique file-name part, or a plot would land outside --out or overwrite another's."""
+    seen: set[str] = set()
+    for lb in labels:
+        if not lb or lb in (".", "..") or "/" in lb or "\\" in lb or "\0" in lb or lb == "FP":
+            raise UsageError(f"--labels {lb!r}: a row label must be a non-empty name without path separators "
+                             "(and not 'FP', the full-precision row)")
+        if lb in seen:
+            raise UsageError(f"--labels {lb!r} is given twice (pass --labels to name the --quantized dirs apart)")
+        seen.add(lb)
 
 
 def _find_prior(qdir: str) -> list[float] | None:

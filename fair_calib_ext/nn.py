@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .validate import check_float, check_int
 
 __all__ = ["W4A4Linear", "quantize_weight", "unprepack_int4"]
 
@@ -88,11 +89,13 @@ class W4A4Linear(nn.Module):
         bias_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
+        in_features = check_int(in_features, "W4A4Linear: in_features", lo=0)
         if in_features % 2:
             raise ValueError(f"in_features must be even for int4 packing, got {in_features}")
         self.in_features = in_features
-        self.out_features = out_features
-        self.act_clip = float(act_clip)
+        self.out_features = check_int(out_features, "W4A4Linear: out_features", lo=0)
+        # the activation scale is act_clip * absmax / 7: a non-finite or non-positive clip gives garbage
+        self.act_clip = check_float(act_clip, "W4A4Linear: act_clip", lo=0.0, lo_open=True)
         self._w_public: torch.Tensor | None = None
         self._w_prepacked: torch.Tensor | None = None
         self.weight_packed = torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device)
@@ -127,11 +130,6 @@ class W4A4Linear(nn.Module):
     def prepacked(self) -> torch.Tensor | None:
         """The CPU prepacked weights (None off the CPU)."""
         return self._w_prepacked
-
-    def prepack(self) -> None:
-        """Kept for callers of the earlier API: the weights are prepacked whenever they are set."""
-        if self._w_public is not None and self._w_public.device.type == "cpu":
-            self.weight_packed = self._w_public
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - .to() / .cuda() / .cpu()
         super()._apply(fn, recurse)
@@ -172,6 +170,10 @@ class W4A4Linear(nn.Module):
     ) -> W4A4Linear:
         """Quantizes ``linear``'s weight per output channel (clip ratio ``w_clip``: float or
         ``Tensor[N]``); the bias is kept in fp32."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"W4A4Linear.from_linear: expected a torch.nn.Linear, got {type(linear).__name__}")
+        if not isinstance(w_clip, torch.Tensor):
+            w_clip = check_float(w_clip, "W4A4Linear.from_linear: w_clip", lo=0.0, lo_open=True)
         mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, act_clip=act_clip,
                   device=linear.weight.device)
         packed, scale = quantize_weight(linear.weight, w_clip)
@@ -190,7 +192,8 @@ class W4A4Linear(nn.Module):
             raise ValueError(f"W4A4Linear: input's last dimension is {x.shape[-1]}, expected in_features="
                              f"{self.in_features} (input shape {tuple(x.shape)})")
         if self._w_prepacked is not None:
-            return ops.w4a4_linear_prepacked(x, self._w_prepacked, self.weight_scale, self.bias, self.act_clip)
+            return ops.w4a4_linear_prepacked(x, self._w_prepacked, self.weight_scale, self.bias, self.act_clip,
+                                             in_features=self.in_features)
         return ops.w4a4_linear(x, self._w_public, self.weight_scale, self.bias, self.act_clip)
 
     def extra_repr(self) -> str:

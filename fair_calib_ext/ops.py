@@ -18,7 +18,8 @@ from collections.abc import Iterator
 
 import torch
 
-from . import _C, _C_ERROR  # registers torch.ops.fair
+from ._ext import ERROR as _C_ERROR
+from ._ext import _C  # registers torch.ops.fair
 
 if _C is None:  # without the kernels there is nothing to wrap: say why, not "operator does not exist"
     raise ImportError(f"fair_calib_ext._C is not built or failed to load ({_C_ERROR}); "
@@ -120,9 +121,19 @@ def w4a4_linear_prepacked(
     w_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     act_clip: float = 1.0,
+    *,
+    in_features: int,
 ) -> torch.Tensor:
     """:func:`w4a4_linear` on ``prepack_int4(w)``: the same result bit for bit, without the
-    per-call reordering of the weights. ``N = w_scale.shape[0]``, ``K = x.shape[-1]``."""
+    per-call reordering of the weights. ``N = w_scale.shape[0]``, ``K = in_features``.
+
+    The prepacked layout pads K to a multiple of 64, so the op alone cannot tell K=62 from K=64
+    (it would treat the missing columns as zeros): ``in_features``, the K the weights were packed
+    for, is required and ``x.shape[-1]`` must equal it.
+    """
+    if x.shape[-1] != in_features:
+        raise ValueError(f"w4a4_linear_prepacked: x's last dimension is {x.shape[-1]}, expected in_features="
+                         f"{in_features} (the K the weights were packed for; x shape {tuple(x.shape)})")
     return torch.ops.fair.w4a4_linear_prepacked.default(x, w_prepacked, w_scale, bias, float(act_clip))
 
 

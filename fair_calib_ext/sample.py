@@ -29,6 +29,16 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 
 
+def _flags() -> tuple[Any, ...]:
+    """One rule per numeric flag (the lengths' mutual rules are resolve_sampler_settings')."""
+    from .cli_common import SAMPLER_FLAGS, SEED_FLAG, THREADS_FLAG
+    from .validate import Flag
+
+    return (*SAMPLER_FLAGS, SEED_FLAG, THREADS_FLAG, Flag("temperature", "float", lo=0.0, hi=100.0),
+            Flag("cfg_scale", "float", lo=0.0, hi=100.0), Flag("top_p", "float", lo=0.0, lo_open=True, hi=1.0),
+            Flag("top_k", lo=0, hi=1 << 24), Flag("alg_temp", "float", lo=0.0, hi=100.0))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fair_calib_ext.sample",
                                 description="Generate with a LLaDA / Dream masked-diffusion model.")
@@ -136,17 +146,21 @@ def _show(tok: Any, x: Any, p: int, mask_id: int, step: int, tty: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .cli_common import require_quantized, resolve_device, set_threads
+    from .cli_common import check_same_architecture, require_quantized, resolve_device, set_threads
     from .models import load_generation_config, load_pretrained, load_tokenizer, resolve_model_path
     from .sampling import DecodeStats, generate, left_pad
     from .sampling.settings import check_fast_for_family, resolve_sampler_settings
+    from .validate import check_flags
 
+    check_flags(args, _flags())
     set_threads(args.threads)
     device = resolve_device(args.device)
     prompts = _read_prompts(args)
     model_arg = _resolve_model(args.model) if args.model or not args.quantized else args.model
     if args.quantized:
         require_quantized(args.quantized)
+        if args.model:  # its tokenizer and generation config would decode another model's ids
+            check_same_architecture(args.model, args.quantized)
     weights = args.quantized or model_arg
     resolve_model_path(weights)
     gcfg = load_generation_config(weights) or (load_generation_config(model_arg) if model_arg else {})

@@ -2,26 +2,31 @@
 """Reproduce the FAIR-Calib comparison on the embedded tiny models → REPORT.md + plots.
 
 For each model (default tiny-llada and tiny-dream) and seed, at W4A4:
-- rows: FP, RTN, SmoothQuant, QuaRot, QuaRot+GPTQ, FlatQuant (FP inputs, as FlatQuant's code),
-  FAIR-Calib (quantized-prefix inputs + the Stage I prior);
-- ablations (FAIR-Calib engine): prior uniform / frontier-only / masked-only / both, early vs
-  late boost, n_probe 64 / 256 / 512 / 1024 (nested prefixes of one probing pass);
+- rows (``MAIN_ROWS``): FP, RTN, SmoothQuant, QuaRot, QuaRot+GPTQ, FlatQuant (FP inputs, as
+  FlatQuant's code), FAIR-Calib (quantized-prefix inputs, aligned (prompt, answer) samples and
+  the Stage I prior of the default preset ``DEFAULT_PRIOR``);
+- paired rows (``PAIRED_ROWS``, every seed, same samples and probe prompts): FAIR with a uniform
+  prior, the old default (stream windows + flat prior), FAIR[literal] and FAIR[sampler]; the
+  report gives the differences of ``PAIRS`` with bootstrap intervals;
+- the default prior itself is chosen on the val split among ``CANDIDATES`` by
+  :func:`select_default` (``--stage select``), before any test-split number of them exists;
 - columns: per-task exact match, average, MC-ELBO perplexity, frontier flip rate, post-commit
   mismatch (+ mean-disagree / never-agree subsets), median and p90 stability lag, calibration
-  time; mean ± std over seeds.
+  time; mean ± std over seeds (the cheap baselines in ``SINGLE_SEED_ROWS`` run the first seed only).
 
-Calibration data (Stage II): the corpus' train-split task lines joined by EOS into one stream and
-cut into ``seqlen``-token windows (the paper's "windows of a text stream"); the prior covers the
-trailing ``K`` = generation-length positions. Stage I probes with the first ``seqlen - K`` tokens
-of windows drawn with another seed, random commits in blocks of ``probe_block``.
-The seed changes the calibration windows, the probe prompts and the methods' own randomness;
+Calibration data (Stage II, ``row_spec``): "stream" rows use the corpus' train-split task lines
+joined by EOS and cut into ``seqlen``-token windows; "aligned" rows use (prompt, answer) samples
+with the prior's position 0 on each answer's first token. Stage I probes the teacher with train-split task
+prompts drawn with another seed (``probe_prompts``), in blocks of ``probe_block``, with the preset's
+probe policy.
+The seed changes the calibration samples, the probe prompts and the methods' own randomness;
 evaluation sets are fixed (seed 0), so the std measures calibration variability.
 
-Every finished (model, row, seed) is cached as JSON under ``--out``; re-running resumes, and
-``--deadline-min`` stops launching runs so the report is written from what finished (missing
+Every finished (model, row, seed, split) is cached as JSON under ``--out``; re-running resumes,
+and ``--deadline-min`` stops launching runs so the report is written from what finished (missing
 runs are listed in the report).
 
-    python python/reproduce.py --quick            # minutes: 1 seed, fewer rows, small sets
+    python python/reproduce.py --quick            # minutes: 2 seeds, fewer rows, small sets
     python python/reproduce.py                    # full grid (see FULL below)
 """
 
@@ -72,7 +77,6 @@ from fair_calib_ext.models import load_pretrained, load_tokenizer  # noqa: E402
 MAIN_ROWS = ("FP", "RTN", "SmoothQuant", "QuaRot", "QuaRot+GPTQ", "FlatQuant", "FAIR-Calib")
 # paired rows of the FAIR-Calib analysis: every seed, same calibration samples and probe prompts
 PAIRED_ROWS = ("FAIR uniform", "FAIR old", "FAIR[literal]", "FAIR[sampler]")
-ABLATIONS: tuple[str, ...] = ()
 # the candidates of the default prior, scored on the val split (see select_default)
 CANDIDATES = ("FAIR uniform", "FAIR[balanced]", "FAIR[literal]", "FAIR[literal-0.03]", "FAIR[exp]",
               "FAIR[sampler]", "FAIR[sampler-frontier]", "FAIR[noise]")
@@ -92,8 +96,6 @@ class Scale:
     models: list[str] = field(default_factory=lambda: ["tiny-llada", "tiny-dream"])
     seeds: list[int] = field(default_factory=lambda: list(range(10)))
     rows: list[str] = field(default_factory=lambda: list(MAIN_ROWS) + list(PAIRED_ROWS))
-    ablations: list[str] = field(default_factory=lambda: list(ABLATIONS))
-    ablation_seeds: list[int] = field(default_factory=lambda: [0])
     select_seeds: list[int] = field(default_factory=lambda: [0])
     n_calib: int = 64  # calibration sequences
     seqlen: int = 64  # tokens per sequence
@@ -113,7 +115,7 @@ class Scale:
 
 
 FULL = Scale()
-QUICK = Scale(seeds=[0, 1], rows=["FP", "RTN", "FlatQuant", "FAIR-Calib", "FAIR uniform"], ablations=[],
+QUICK = Scale(seeds=[0, 1], rows=["FP", "RTN", "FlatQuant", "FAIR-Calib", "FAIR uniform"],
               n_calib=16, seqlen=48, n_probe=32, probe_batch=16, epochs=1, n_eval=6, n_metrics=12, n_ppl=12,
               mc_num=8, n_val=4, n_val_metrics=12, n_boot=200)
 
@@ -638,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     base = QUICK if a.quick else FULL
     scale = dataclasses.replace(base, **{f.name: getattr(a, f.name) for f in dataclasses.fields(Scale)
                                          if getattr(a, f.name) is not None})
-    for r in scale.rows + scale.ablations + list(CANDIDATES):
+    for r in scale.rows + list(CANDIDATES):
         row_spec(r)
     t0 = time.perf_counter()  # the report's "this call" includes the workers
     if a.jobs < 1:
@@ -666,9 +668,6 @@ def main(argv: list[str] | None = None) -> int:
             for model in scale.models:
                 plan += [(model, r, seed, "test") for r in scale.rows
                          if r not in SINGLE_SEED_ROWS or seed == scale.seeds[0]]
-        for seed in scale.ablation_seeds:
-            for model in scale.models:
-                plan += [(model, r, seed, "test") for r in scale.ablations]
     done: dict[tuple[str, str, int, str], dict[str, Any]] = {}
     missing: list[tuple[str, str, int, str]] = []
     for i, key in enumerate(plan):

@@ -7,6 +7,12 @@ import os
 import pytest
 
 import fair_calib_ext
+from skip_budget import (  # noqa: F401  (hooks: skips grouped by reason, FAIR_SKIPS=hardware budget)
+    pytest_collectreport,
+    pytest_runtest_logreport,
+    pytest_sessionfinish,
+    pytest_terminal_summary,
+)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

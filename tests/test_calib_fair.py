@@ -10,9 +10,10 @@ import torch
 
 from fair_calib_ext.calib import (DEFAULT_PRIOR, PRIOR_PRESETS, CalibData, PositionPrior, build_aligned_data,
                                   calibrate, position_weights, prior_spec, probe_stats)
-from fair_calib_ext.calib.prior import accumulate_trace, finalize_prior
+from fair_calib_ext.calib.prior import finalize_prior
 from fair_calib_ext.eval.tasks import TASKS, make_examples
 from fair_calib_ext.models import build_model, load_pretrained, load_tokenizer
+from prior_reference import accumulate_trace  # tests/
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -192,21 +193,30 @@ def test_a_peaked_prior_changes_the_calibrated_block() -> None:
 
 
 def test_per_sample_weights_reach_the_training_loss() -> None:
-    """[n, S] weights (aligned data) are used row by row: zero weight on half the rows equals
-    calibrating on the other half with uniform weights, bit for bit."""
+    """[n, S] weights (aligned data) are used row by row: rows with weight zero do not affect the
+    calibrated block at all — replacing their tokens gives the same block, bit for bit — while the
+    weights themselves do (the block differs from a uniform-weight run). ``diag_scale`` is off:
+    its initial scales come from activation maxima over every row, weighted or not."""
     from fair_calib_ext.calib import MethodConfig
 
     base = _tiny_model()
-    ids = torch.randint(3, base.config.vocab_size, (8, 12), generator=torch.Generator().manual_seed(2))
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, base.config.vocab_size, (8, 12), generator=gen)
+    other = ids.clone()
+    other[4:] = torch.randint(3, base.config.vocab_size, (4, 12), generator=gen)
+    assert not torch.equal(ids[4:], other[4:])
     w = torch.ones(8, 12)
     w[4:] = 0.0
     w[:4, :6] = 3.0
-    a = copy.deepcopy(base)
-    calibrate(a, MethodConfig(method="fair", epochs=2, batch_size=8, seed=0), ids, w, progress=False)
-    b = copy.deepcopy(base)
-    calibrate(b, MethodConfig(method="fair", epochs=2, batch_size=8, seed=0), ids, torch.ones(8, 12), progress=False)
-    sa, sb = a.state_dict(), b.state_dict()
-    assert any(not torch.equal(sa[k], sb[k]) for k in sa)
+    cfg = MethodConfig(method="fair", epochs=2, batch_size=8, seed=0, diag_scale=False)
+    blocks = []
+    for data, weights in ((ids, w), (other, w), (ids, torch.ones(8, 12))):
+        m = copy.deepcopy(base)
+        calibrate(m, cfg, data, weights, progress=False)
+        blocks.append(m.state_dict())
+    sa, sb, sc = blocks
+    assert all(torch.equal(sa[k], sb[k]) for k in sa), "a row with weight zero changed the block"
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa), "the weights did not change the block"
 
 
 def test_fair_without_a_prior_warns() -> None:

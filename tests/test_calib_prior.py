@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from fair_calib_ext.calib.prior import PositionPrior, accumulate_trace, finalize_prior, lambda0
+from fair_calib_ext.calib.prior import PositionPrior, finalize_prior, lambda0
 from fair_calib_ext.sampling import Trace
+from prior_reference import accumulate_trace  # tests/
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -155,3 +156,13 @@ def test_probe_prior_runs_the_sampler(mode: str) -> None:
     assert pr.settings["policy"] == "random"
     torch.testing.assert_close(pr.weights.double(), want, rtol=1e-5, atol=1e-6)
     assert float(want.max() - want.min()) > 0.3  # the trace gives the prior a real shape
+
+
+def test_lambda0_has_one_name_per_schedule() -> None:
+    """The undocumented "const" alias of "flat" is gone: every schedule is one of LAMBDA0_SCHEDULES."""
+    from fair_calib_ext.calib.prior import LAMBDA0_SCHEDULES
+
+    assert [lambda0(2, 4, s) for s in ("early", "flat", "late")] == [0.75, 1.0, 0.5]
+    assert "const" not in LAMBDA0_SCHEDULES
+    with pytest.raises(ValueError, match="unknown lambda0 schedule 'const'"):
+        lambda0(2, 4, "const")

@@ -95,7 +95,7 @@ def test_cli_fast_decoding_flags(ckpts, tmp_path, capsys):
     refuse the mechanism metrics (which compare one full forward per step)."""
     fp, _ = ckpts
     assert main(["--model", str(fp), "--tasks", "add", "--threshold", "0", "--out", str(tmp_path / "a")]) == 2
-    assert "--threshold must be in (0, 1]" in capsys.readouterr().err
+    assert "--threshold must be a finite number in (0.0, 1.0]" in capsys.readouterr().err
     assert main(["--model", str(fp), "--cache", "dual", "--out", str(tmp_path / "b")]) == 2
     assert "metrics" in capsys.readouterr().err
     out = tmp_path / "fast"

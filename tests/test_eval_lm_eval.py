@@ -85,6 +85,20 @@ def test_unknown_model_args_are_rejected(ckpt):
         _lm(ckpt, typo_arg="1")
 
 
+@pytest.mark.parametrize("kw,match", [
+    ({"mc_num": "0"}, r"mc_num must be an integer in \[1, 4096\], got 0"),
+    ({"mc_num": "abc"}, "mc_num must be an integer, got 'abc'"),
+    ({"seed": "-5"}, "seed must be an integer in"),
+    ({"batch_size": "0"}, "batch_size must be an integer in"),
+    ({"max_length": "100000000"}, r"max_length must be an integer in \[1, 256\]"),
+    ({"steps": "1000000"}, "steps must be an integer in"),
+])
+def test_bad_model_args_name_the_argument(ckpt, kw, match):
+    args = {"pretrained": str(ckpt), "device": "cpu", "mc_num": "8", "batch_size": "8", "gen_length": "8", **kw}
+    with pytest.raises(ValueError, match=match):
+        FairDLLM(**args)
+
+
 def test_simple_evaluate_on_a_local_task(ckpt, tmp_path):
     data = tmp_path / "mc.jsonl"
     rows = [{"q": f"Q: {a}+{b}=? A:", "choices": [f" {a + b}", f" {a + b + 1}"], "label": 0}

@@ -116,7 +116,7 @@ def test_jobs_split_models_across_workers(models, tmp_path, keep_threads):
     """--jobs 2: one worker process per model fills the cache, then the parent writes the report."""
     rep = _load("reproduce", REPO / "python" / "reproduce.py")
     args = ["--quick", "--models", *models, "--out", str(tmp_path / "runs"), "--report", str(tmp_path / "R.md"),
-            "--no-progress", "--stage", "test", "--rows", "FP", "RTN", "--ablations", "--n-eval", "1", "--n-metrics", "2",
+            "--no-progress", "--stage", "test", "--rows", "FP", "RTN", "--n-eval", "1", "--n-metrics", "2",
             "--n-ppl", "2", "--mc-num", "2", "--n-calib", "4", "--seqlen", "24", "--jobs", "2"]
     assert rep.main(args) == 0
     text = (tmp_path / "R.md").read_text()

@@ -255,7 +255,6 @@ def test_registration_after_plain_package_import(tmp_path):
     """`import fair_calib_ext` alone registers the Auto classes, without importing transformers."""
     import os
     import subprocess
-    from pathlib import Path
 
     path = tiny_checkpoint(tmp_path / "m", "llada")
     code = (
@@ -265,7 +264,6 @@ def test_registration_after_plain_package_import(tmp_path):
         f"m = AutoModel.from_pretrained({str(path)!r})\n"
         "print(type(m).__name__, m.config.family)\n"
     )
-    root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=PKG_PARENT, OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
     assert res.returncode == 0, res.stderr
@@ -322,3 +320,20 @@ def test_tokenizer_with_remote_code_class_falls_back(tmp_path):
     tok = load_tokenizer(tmp_path)
     assert tok("ab a")["input_ids"] == [3, 5]
     assert tok.eos_token_id == 0 and tok.chat_template
+
+
+def test_an_unregistered_family_is_refused_not_taken_for_dream() -> None:
+    """issue 20: `_family_module` used to send every family that is not "llada" to Dream."""
+    import dataclasses
+
+    from fair_calib_ext.errors import CheckpointError
+    from fair_calib_ext.models import official_config
+    from fair_calib_ext.models.testing import tiny_config
+
+    cfg = tiny_config("dream")
+    assert official_config(cfg)["model_type"] == "Dream"
+    cfg.family = "mamba"  # past ModelConfig's own check, as a third family added half-way would be
+    with pytest.raises(CheckpointError, match="model family 'mamba' is not registered"):
+        official_config(cfg)
+    with pytest.raises(ValueError, match="family must be one of"):
+        dataclasses.replace(tiny_config("dream"), family="mamba")

@@ -180,8 +180,44 @@ def test_weights_follow_replacement_and_refuse_inplace_edits(linear):
 def test_input_width_must_match_in_features():
     """A K that rounds up to the same padded width used to run as if zero-padded."""
     q = W4A4Linear.from_linear(nn.Linear(64, 32))
-    with pytest.raises(ValueError, match="expected in_features=64"):
-        q(torch.randn(3, 62))
+    for k in (62, 66, 0):
+        with pytest.raises(ValueError, match=f"last dimension is {k}, expected in_features=64"):
+            q(torch.randn(3, k))
+
+
+@pytest.mark.parametrize("use_kernels", [True, False])
+@pytest.mark.parametrize("transform", [None, "hadamard"])
+def test_quant_linear_refuses_another_input_width(use_kernels, transform):
+    """Every QuantLinear path (kernels or fake-quant reference, with or without an online
+    transform) names the expected width instead of padding, truncating or broadcasting."""
+    from fair_calib_ext.quant.modules import OnlineTransform, QuantLinear
+
+    t = OnlineTransform("hadamard", 64) if transform else None
+    codes = torch.randint(-8, 8, (32, 64), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    m = QuantLinear.from_quantized(codes, torch.ones(32), None, w_bits=4, a_bits=4, act_clip=1.0, transform=t,
+                                   use_kernels=use_kernels)
+    assert m(torch.randn(3, 64)).shape == (3, 32)
+    for k in (62, 128):
+        with pytest.raises(ValueError, match=f"last dimension is {k}, expected in_features=64"):
+            m(torch.randn(3, k))
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"in_features": 64.0}, "in_features must be an integer"),
+    ({"in_features": -2}, "in_features must be an integer >= 0"),
+    ({"out_features": "8"}, "out_features must be an integer"),
+    ({"act_clip": float("nan")}, "act_clip must be a finite number > 0"),
+    ({"act_clip": 0.0}, "act_clip must be a finite number > 0"),
+])
+def test_constructor_refuses_bad_values(kw, match):
+    args = {"in_features": 64, "out_features": 8, **kw}
+    with pytest.raises(ValueError, match=match):
+        W4A4Linear(**args)
+    if "act_clip" in kw:
+        with pytest.raises(ValueError, match=match):
+            W4A4Linear.from_linear(nn.Linear(64, 8), act_clip=kw["act_clip"])
+    with pytest.raises(TypeError, match="expected a torch.nn.Linear"):
+        W4A4Linear.from_linear(nn.Conv1d(4, 4, 1))
 
 
 def test_quant_linear_uses_prepacked_kernel_layout():

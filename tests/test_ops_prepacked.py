@@ -84,7 +84,7 @@ def test_prepacked_linear_bitwise_equals_public_and_reference(isa, one_thread, M
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         xd = x.to(dtype)
         qa, sa = ref_quantize(xd)
-        out = ops.w4a4_linear_prepacked(xd, wp, ws, bias)
+        out = ops.w4a4_linear_prepacked(xd, wp, ws, bias, in_features=K)
         assert out.dtype == dtype and out.shape == (M, N)
         assert torch.equal(out, ops.w4a4_linear(xd, ref_pack(wq), ws, bias))
         assert torch.equal(out, epilogue(exact_acc(qa, wq), sa, ws, bias, dtype))
@@ -103,7 +103,7 @@ def test_int32_exact_multithreaded(isa, M, N, K):
         assert torch.equal(acc, exact_acc(qa, qw))
         x = torch.randn(M, K, generator=gen)
         ws = torch.rand(N, generator=gen) + 0.01
-        out = ops.w4a4_linear_prepacked(x, ops.prepack_int4(ops.pack_int4(qw)), ws)
+        out = ops.w4a4_linear_prepacked(x, ops.prepack_int4(ops.pack_int4(qw)), ws, in_features=K)
         qx, sx = ref_quantize(x)
         assert torch.equal(out, epilogue(exact_acc(qx, qw), sx, ws, None, torch.float32))
     finally:
@@ -189,42 +189,44 @@ def _pp(n: int, k: int) -> torch.Tensor:
         ),
         pytest.param(lambda: ops.prepack_int4(torch.zeros(4, dtype=torch.uint8)), "w must be 2-D", id="prepack dim"),
         pytest.param(
-            lambda: ops.w4a4_linear_prepacked(torch.zeros(2, 8), torch.zeros(4, 4, dtype=torch.uint8), torch.ones(4)),
+            lambda: ops.w4a4_linear_prepacked(torch.zeros(2, 8), torch.zeros(4, 4, dtype=torch.uint8), torch.ones(4),
+                                              in_features=8),
             "must be the uint8 output of prepack_int4",
             id="public layout passed",
         ),
         pytest.param(
-            lambda: ops.w4a4_linear_prepacked(torch.zeros(2, 128), _pp(4, 64), torch.ones(4)),
+            lambda: ops.w4a4_linear_prepacked(torch.zeros(2, 128), _pp(4, 64), torch.ones(4), in_features=128),
             "must be the uint8 output of prepack_int4 for N=4",
             id="K mismatch",
         ),
         pytest.param(
-            lambda: ops.w4a4_linear_prepacked(torch.zeros(2, 8), _pp(65, 8), torch.ones(4)),
+            lambda: ops.w4a4_linear_prepacked(torch.zeros(2, 8), _pp(65, 8), torch.ones(4), in_features=8),
             "N=4",
             id="N mismatch",
         ),
         pytest.param(
-            lambda: ops.w4a4_linear_prepacked(torch.zeros(2, 7), _pp(4, 8), torch.ones(4)),
+            lambda: ops.w4a4_linear_prepacked(torch.zeros(2, 7), _pp(4, 8), torch.ones(4), in_features=7),
             "K must be even",
             id="odd K",
         ),
         pytest.param(
-            lambda: ops.w4a4_linear_prepacked(torch.zeros(2, 8), _pp(4, 8), torch.ones(4), torch.ones(3)),
+            lambda: ops.w4a4_linear_prepacked(torch.zeros(2, 8), _pp(4, 8), torch.ones(4), torch.ones(3), in_features=8),
             r"bias must have shape \[N\] = \[4\]",
             id="bias len",
         ),
         pytest.param(
-            lambda: ops.w4a4_linear_prepacked(torch.zeros(2, 8, dtype=torch.int32), _pp(4, 8), torch.ones(4)),
+            lambda: ops.w4a4_linear_prepacked(torch.zeros(2, 8, dtype=torch.int32), _pp(4, 8), torch.ones(4),
+                                              in_features=8),
             "x must be float32",
             id="x dtype",
         ),
         pytest.param(
-            lambda: ops.w4a4_linear_prepacked(torch.full((2, 8), float("nan")), _pp(4, 8), torch.ones(4)),
+            lambda: ops.w4a4_linear_prepacked(torch.full((2, 8), float("nan")), _pp(4, 8), torch.ones(4), in_features=8),
             "inf or NaN in row 0",
             id="nan",
         ),
         pytest.param(
-            lambda: ops.w4a4_linear_prepacked(torch.zeros(2, 8), _pp(4, 8).to("meta"), torch.ones(4)),
+            lambda: ops.w4a4_linear_prepacked(torch.zeros(2, 8), _pp(4, 8).to("meta"), torch.ones(4), in_features=8),
             "same device",
             id="mixed devices",
         ),
@@ -235,10 +237,19 @@ def test_bad_input_raises_named_error(fn, match):
         fn()
 
 
+@pytest.mark.parametrize("k_x,k_w", [(62, 64), (64, 62), (8, 2)])
+def test_prepacked_refuses_an_input_of_another_k_in_the_same_padding(k_x, k_w):
+    """The prepacked layout pads K to 64, so the op alone would take x [.., 62] for weights of K=64
+    (the missing columns as zeros) and return a result of the right shape: the wrapper refuses it."""
+    wp = _pp(4, k_w)
+    with pytest.raises(ValueError, match=f"last dimension is {k_x}, expected in_features={k_w}"):
+        ops.w4a4_linear_prepacked(torch.randn(3, k_x), wp, torch.ones(4), in_features=k_w)
+
+
 def test_empty_inputs():
     wp, ws = _pp(5, 8), torch.ones(5)
-    assert ops.w4a4_linear_prepacked(torch.zeros(0, 8), wp, ws).shape == (0, 5)
-    assert ops.w4a4_linear_prepacked(torch.zeros(3, 0), _pp(5, 0), ws).shape == (3, 5)
+    assert ops.w4a4_linear_prepacked(torch.zeros(0, 8), wp, ws, in_features=8).shape == (0, 5)
+    assert ops.w4a4_linear_prepacked(torch.zeros(3, 0), _pp(5, 0), ws, in_features=0).shape == (3, 5)
 
 
 def _opcheck_cases():

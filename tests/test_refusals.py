@@ -27,7 +27,7 @@ pytestmark = [
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tiny-llada"
 EVAL_ARGS = ["--tasks", "add", "--n", "1", "--no-progress", "--device", "cpu"]
-SMALL = ["--nsamples", "2", "--seqlen", "16", "--epochs", "1", "--n-probe", "2"]
+SMALL = ["--nsamples", "2", "--seqlen", "16"]  # no --epochs: rtn refuses it
 
 
 def _one_line_2(rc: int, capsys: pytest.CaptureFixture[str], *needles: str) -> str:
@@ -67,12 +67,40 @@ def test_quantized_refuses_full_precision_dir(tmp_path: Path, capsys: pytest.Cap
     assert not (tmp_path / "e").exists()
 
 
+# -- issue 20: a quantized checkpoint is compared only with the model it was made from ----------
+def test_quantized_of_another_family_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """tiny-dream quantized, compared with --model tiny-llada (same shapes, other family): the
+    flips would be measured against the wrong teacher, so the pairing is refused before any work."""
+    qd = tmp_path / "qd"
+    assert calibrate_cli.main(["--model", "tiny-dream", "--method", "rtn", "--nsamples", "2", "--seqlen", "16",
+                               "--out", str(qd), "--no-progress"]) == 0
+    capsys.readouterr()
+    rc = evaluate_cli.main(["--model", MODEL, "--quantized", str(qd), "--out", str(tmp_path / "e"), *EVAL_ARGS])
+    _one_line_2(rc, capsys, "--quantized", "was not made from --model tiny-llada", "family dream vs llada")
+    assert not (tmp_path / "e").exists()
+    rc = sample_cli.main(["--model", MODEL, "--quantized", str(qd), "--prompt", "Q: 1+1=? A:", "--gen-length", "4"])
+    _one_line_2(rc, capsys, "family dream vs llada")
+    # a shape difference is named too
+    other = _copy(ASSETS_DIR / "tiny-dream", tmp_path / "dream-wide")
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["intermediate_size"] = 512
+    (other / "config.json").write_text(json.dumps(cfg))
+    rc = evaluate_cli.main(["--model", str(other), "--quantized", str(qd), "--out", str(tmp_path / "e"), *EVAL_ARGS])
+    _one_line_2(rc, capsys, "intermediate_size 384 vs 512")
+    # the right pairing still runs
+    rc = evaluate_cli.main(["--model", "tiny-dream", "--quantized", str(qd), "--out", str(tmp_path / "e"),
+                            *EVAL_ARGS, "--tasks", "add", "--gen-length", "4"])
+    assert rc == 0, capsys.readouterr().err
+
+
 # -- §3: evaluate validates sampler settings exactly as sample does --------------------------
 @pytest.mark.parametrize("argv,needle", [
     (["--gen-length", "0"], "--gen-length must be >= 1"),
     (["--gen-length", "8", "--steps", "0"], "--steps must be >= 1"),
     (["--gen-length", "8", "--block-length", "3"], "divisible by --block-length"),
-    (["--gen-length", "8", "--steps", "100000000"], "--steps (100000000) must be <= --gen-length (8)"),
+    (["--gen-length", "8", "--steps", "1000"], "--steps (1000) must be <= --gen-length (8)"),
+    (["--gen-length", "8", "--steps", "100000000"], "--steps must be an integer <= 1048576, got 100000000"),
+    (["--gen-length", "100000000"], "--gen-length must be an integer <= 1048576, got 100000000"),
 ])
 def test_evaluate_validates_sampler_like_sample(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                 argv: list[str], needle: str) -> None:
@@ -102,12 +130,27 @@ def test_quantconfig_has_no_dead_clip_fields() -> None:
     (["--method", "rtn", "--gptq-block", "64"], "--gptq-block"),
     (["--method", "quarot", "--gptq-act-order"], "--gptq-act-order"),
     (["--method", "smoothquant", "--gptq-damp", "0.1"], "--gptq-damp"),
-    (["--method", "quarot+gptq", "--gptq-block", "0"], "--gptq-block must be >= 1"),
-    (["--method", "rtn", "--lr", "nan"], "--lr must be a finite number > 0"),
-    (["--method", "fair", "--clip-lr", "inf"], "--clip-lr must be a finite number > 0"),
-    (["--method", "gptq", "--gptq-damp", "-1"], "--gptq-damp must be a finite number > 0"),
-    (["--method", "rtn", "--threads", "-1"], "--threads must be >= 1"),
-    (["--method", "rtn", "--nsamples", "100000000"], "--nsamples 100000000"),
+    (["--method", "quarot+gptq", "--gptq-block", "0"], "--gptq-block must be an integer in [1, 65536], got 0"),
+    (["--method", "rtn", "--lr", "nan"], "--lr must be a finite number in (0, 10.0], got nan"),
+    (["--method", "fair", "--clip-lr", "inf"], "--clip-lr must be a finite number in (0, 10.0], got inf"),
+    (["--method", "gptq", "--gptq-damp", "-1"], "--gptq-damp must be a finite number in (0, 10.0], got -1.0"),
+    (["--method", "rtn", "--threads", "-1"], "--threads must be an integer in [1, 4096], got -1"),
+    (["--method", "rtn", "--nsamples", "100000000"], "--nsamples must be an integer in [1, 65536], got 100000000"),
+    # issue 20: flags that would have no effect are refused, not recorded in method_config
+    (["--method", "rtn", "--lr", "0.3", "--epochs", "7"], "--epochs, --lr have no effect with --method rtn"),
+    (["--method", "quarot+gptq", "--clip-lr", "0.1"], "--clip-lr has no effect with --method quarot+gptq"),
+    (["--method", "fair", "--sq-alpha", "0.7"], "--sq-alpha has no effect with --method fair"),
+    (["--method", "fair", "--prior-preset", "literal", "--prior-mode", "uniform", "--probe-steps", "4"],
+     "--probe-steps has no effect with a uniform prior"),
+    (["--method", "fair", "--prior", "saved/prior", "--lambda1", "5"], "--lambda1 has no effect with --prior"),
+    (["--method", "fair", "--prior", "saved/prior", "--probe-policy", "noise"], "--probe-policy has no effect"),
+    # issue 20: one line and exit 2 for every value out of its range (both sides of each limit are
+    # in test_calibrate_flag_limits)
+    (["--method", "rtn", "--seed", "-5"], "--seed must be an integer in [0, 999999], got -5"),
+    (["--method", "fair", "--probe-batch-size", "0"], "--probe-batch-size must be an integer in [1, 4096], got 0"),
+    (["--method", "fair", "--lambda1", "1e300"], "--lambda1 must be a finite number in [0.0, 1000000.0]"),
+    (["--method", "rtn", "--batch-size", "0"], "--batch-size must be an integer in [1, 4096], got 0"),
+    (["--method", "fair", "--epochs", "-1"], "--epochs must be an integer in [0, 10000], got -1"),
 ])
 def test_calibrate_refuses_before_work(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
                                        needle: str) -> None:
@@ -153,6 +196,86 @@ def test_out_validated_before_work(tmp_path: Path, capsys: pytest.CaptureFixture
     assert afile.read_text() == "x"
 
 
+@pytest.mark.parametrize("layout", ["same", "run-in-out", "out-in-run", "log-in-out"])
+def test_overlapping_outputs_refused_and_nothing_deleted(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         layout: str) -> None:
+    """issue 20: `--out X --run-dir X --overwrite` used to finish, then delete X with the run dir."""
+    x = tmp_path / "x"
+    x.mkdir()
+    (x / "mine.txt").write_text("keep")
+    out, run_dir, log = {"same": (x, x, None), "run-in-out": (x, x / "run", None),
+                         "out-in-run": (x / "q", x, None), "log-in-out": (x, tmp_path / "r", x / "log.jsonl")}[layout]
+    argv = ["--model", MODEL, "--method", "rtn", "--out", str(out), "--run-dir", str(run_dir), "--overwrite",
+            "--no-progress", *SMALL] + (["--log", str(log)] if log else [])
+    _one_line_2(calibrate_cli.main(argv), capsys, "must" if layout != "log-in-out" else "--log")
+    assert sorted(p.name for p in x.iterdir()) == ["mine.txt"] and (x / "mine.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize("labels,needle", [
+    (["../../escape"], "without path separators"),
+    (["a/b"], "without path separators"),
+    ([""], "non-empty"),
+    (["FP"], "not 'FP'"),
+    (["x", "x"], "'x' is given twice"),
+    (None, "'rtn' is given twice"),  # two dirs with the same name and no --labels
+])
+def test_evaluate_labels_that_would_misplace_plots_are_refused(qdir: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str],
+                                                               labels: list[str] | None, needle: str) -> None:
+    """Labels name the prior plots in --out: one with a path separator used to write outside it
+    (or fail after the whole evaluation), a repeated one to overwrite the other's plot."""
+    twin = _copy(qdir, tmp_path / "other" / "rtn")
+    lab = ["--labels", *labels] if labels is not None else []
+    if labels is not None and len(labels) == 1:
+        qdirs = [str(qdir)]
+    else:
+        qdirs = [str(qdir), str(twin)]
+    rc = evaluate_cli.main(["--model", MODEL, "--quantized", *qdirs, *lab, "--out", str(tmp_path / "e"), *EVAL_ARGS])
+    _one_line_2(rc, capsys, "--labels", needle)
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("which", ["out", "out-parent", "run-dir", "log"])
+def test_outputs_never_replace_the_model(tmp_path: Path, capsys: pytest.CaptureFixture[str], which: str) -> None:
+    """issue 20: `--model D --out D --overwrite` used to replace the full-precision checkpoint
+    with the quantized one (its other files deleted)."""
+    model = _copy(ASSETS_DIR / MODEL, tmp_path / "runs" / "fp")
+    before = sorted(p.name for p in model.iterdir())
+    out, run_dir, log = tmp_path / "q", tmp_path / "r", None
+    if which == "out":
+        out = model
+    elif which == "out-parent":
+        out = tmp_path / "runs"
+    elif which == "run-dir":
+        run_dir = model
+    else:
+        log = model / "config.json"
+    argv = ["--model", str(model), "--method", "rtn", "--out", str(out), "--run-dir", str(run_dir), "--overwrite",
+            "--no-progress", *SMALL] + (["--log", str(log)] if log else [])
+    _one_line_2(calibrate_cli.main(argv), capsys, "--model checkpoint")
+    assert sorted(p.name for p in model.iterdir()) == before
+    assert "quantization_config" not in read_config(model)
+
+
+def test_log_is_never_an_input_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "calib.txt"
+    data.write_text("some text to calibrate on\n" * 4)
+    argv = ["--model", MODEL, "--method", "rtn", "--calib-data", str(data), "--log", str(data),
+            "--out", str(tmp_path / "q"), "--no-progress", *SMALL]
+    _one_line_2(calibrate_cli.main(argv), capsys, "--log", "is the --calib-data input file")
+    assert data.read_text() == "some text to calibrate on\n" * 4
+
+
+def test_finished_run_removes_only_its_own_files(tmp_path: Path) -> None:
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine")
+    argv = ["--model", MODEL, "--method", "rtn", "--out", str(tmp_path / "q"), "--run-dir", str(run_dir),
+            "--no-progress", *SMALL]
+    assert calibrate_cli.main(argv) == 0
+    assert [p.name for p in run_dir.iterdir()] == ["notes.txt"]
+
+
 def test_evaluate_refuses_non_empty_out_unless_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "e"
     out.mkdir()
@@ -178,6 +301,43 @@ def test_truncated_and_garbage_quantized_weights(qdir: Path, tmp_path: Path,
             load_pretrained(d)
         rc = sample_cli.main(["--quantized", str(d), "--prompt", "Q: 1+1=? A:", "--gen-length", "4"])
         _one_line_2(rc, capsys, needle, "model.safetensors")
+
+
+@pytest.mark.parametrize("value,needle", [(float("nan"), "has inf or NaN values"),
+                                          (float("inf"), "has inf or NaN values"),
+                                          (-1.0, "must be > 0"), (0.0, "must be > 0")])
+def test_quantized_scale_values_are_checked(qdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            value: float, needle: str) -> None:
+    """issue 20: a NaN, negative or zero per-channel scale used to load and run silently."""
+    from safetensors.torch import load_file, save_file
+
+    d = _copy(qdir, tmp_path / "q")
+    st = load_file(str(d / "model.safetensors"))
+    key = next(k for k in st if k.endswith("weight_scale"))
+    st[key][3] = value
+    save_file(st, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=needle):
+        load_pretrained(d)
+    rc = sample_cli.main(["--quantized", str(d), "--model", MODEL, "--prompt", "x", "--gen-length", "4"])
+    _one_line_2(rc, capsys, key, needle)
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("act_clip", "x", "field 'act_clip' must be a number"),
+    ("act_clip", -1.0, "field 'act_clip' must be a finite number in (0.0, 1000000.0]"),
+    ("in_features", 10**9, "field 'in_features' must be an integer in [1, 1048576]"),
+    ("bias", "yes", "field 'bias' must be a bool"),
+    ("transform", [1], "field 'transform' must be a dict"),
+])
+def test_quantized_spec_values_are_checked(qdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           key: str, value: object, needle: str) -> None:
+    d = _copy(qdir, tmp_path / "q")
+    cfg = json.loads((d / "config.json").read_text())
+    name = next(iter(cfg["quantization_config"]["modules"]))
+    cfg["quantization_config"]["modules"][name][key] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    rc = sample_cli.main(["--quantized", str(d), "--model", MODEL, "--prompt", "x", "--gen-length", "4"])
+    _one_line_2(rc, capsys, f"spec of {name}", needle)
 
 
 def test_quantized_spec_and_shape_mismatch(qdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -226,7 +386,7 @@ def test_cuda_without_cuda(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 @pytest.mark.parametrize("threads", ["-1", "0"])
 def test_sample_threads_must_be_positive(threads: str, capsys: pytest.CaptureFixture[str]) -> None:
     rc = sample_cli.main(["--model", MODEL, "--prompt", "x", "--gen-length", "4", "--threads", threads])
-    _one_line_2(rc, capsys, "--threads must be >= 1")
+    _one_line_2(rc, capsys, f"--threads must be an integer in [1, 4096], got {threads}")
 
 
 # -- §4: internal errors keep their traceback --------------------------------------------------
@@ -251,13 +411,57 @@ def test_clis_do_not_swallow_internal_errors(tmp_path: Path, monkeypatch: pytest
 
 
 # -- §4: resume files --------------------------------------------------------------------------
-def test_damaged_resume_state_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("state,needle", [
+    ('{"digest": "ab', "not valid JSON"),  # cut off mid-write by a crash
+    ("[1]", "expected an object"),
+    ('{"done": "abc"}', "field 'done' must be an integer"),
+    ('{"done": -1}', "field 'done' must be an integer in [0, 5], got -1"),
+    ('{"done": 99}', "field 'done' must be an integer in [0, 5], got 99"),
+    ('{"done": 0, "records": 5}', "field 'records' must be a list"),
+])
+def test_damaged_resume_state_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], state: str,
+                                          needle: str) -> None:
     run = tmp_path / "q.run"
     run.mkdir()
-    (run / "state.json").write_text('{"digest": "ab')  # cut off mid-write by a crash
+    (run / "state.json").write_text(state)
     rc = calibrate_cli.main(["--model", MODEL, "--method", "rtn", "--nsamples", "2", "--seqlen", "16",
                              "--out", str(tmp_path / "q"), "--no-progress"])
-    _one_line_2(rc, capsys, "state.json", str(run))
+    _one_line_2(rc, capsys, "state.json", str(run), needle)
+    assert (run / "state.json").read_text() == state  # the user's run dir is left as it was
+
+
+@pytest.mark.parametrize("meta,weights,needle", [
+    ('{"floor": 0.1, "mode": "both"', None, "prior.json: not valid JSON"),
+    ('{"floor": "low", "mode": "both"}', None, "field 'floor' must be a number"),
+    ('{"floor": -1, "mode": "both"}', None, "field 'floor' must be a finite number >= 0.0"),
+    ('{"floor": 0.1, "mode": "sideways"}', None, "field 'mode' must be one of"),
+    ('{"floor": 0.1}', None, "field 'mode' is missing"),
+    ('{"floor": 0.1, "mode": "both", "window": 3}', None, "field 'window' is 3 but prior.safetensors holds 4"),
+    ('{"floor": 0.1, "mode": "both"}', [1.0, float("nan")], "must be a non-empty 1-D tensor of finite values"),
+    ('{"floor": 0.1, "mode": "both"}', b"garbage", "prior.safetensors: not a prior's weights"),
+])
+def test_damaged_prior_file_is_one_line_before_the_model_is_read(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, meta: str,
+        weights: object, needle: str) -> None:
+    from safetensors.torch import save_file
+
+    import fair_calib_ext.models as models
+
+    st = tmp_path / "prior.safetensors"
+    if isinstance(weights, bytes):
+        st.write_bytes(weights)
+    else:
+        save_file({"weights": torch.tensor(weights or [1.0, 2.0, 3.0, 4.0])}, str(st))
+    (tmp_path / "prior.json").write_text(meta)
+
+    def no_load(*a: object, **k: object) -> None:
+        raise AssertionError("the model was read before the prior was checked")
+
+    monkeypatch.setattr(models, "load_pretrained", no_load)
+    rc = calibrate_cli.main(["--model", MODEL, "--method", "fair", "--prior", str(tmp_path / "prior"),
+                             "--out", str(tmp_path / "q"), "--no-progress", *SMALL])
+    _one_line_2(rc, capsys, "--prior", needle)
+    assert not (tmp_path / "q").exists()
 
 
 # -- §4: the lm-eval adapter picks a device it has ---------------------------------------------
@@ -328,7 +532,10 @@ def test_int4_contract_lives_in_the_repo() -> None:
 
 
 @pytest.mark.parametrize("kw", [dict(lr=float("nan")), dict(clip_lr=-1.0), dict(gptq_block=0), dict(gptq_damp=0.0),
-                                dict(sq_alpha=1.5)])
+                                dict(sq_alpha=1.5), dict(epochs=-1), dict(epochs=1.5), dict(batch_size=0),
+                                dict(seed=-3), dict(flat_alpha=float("nan")), dict(weight_decay=-1.0),
+                                dict(lr_min_ratio=2.0), dict(quarot_act_clip=0.0), dict(fp_inputs="yes"),
+                                dict(w_clip_search=1)])
 def test_method_config_refuses_values_that_break_a_run(kw: dict) -> None:
     from fair_calib_ext.calib import MethodConfig
 

@@ -263,12 +263,44 @@ def test_no_stop_while_masks_precede_eos():
     (dict(gen_length=8, steps=4, remasking="nope"), "remasking must be one of"),
     (dict(gen_length=8, steps=4, remasking="origin", block_length=4), "dream schedule"),
     (dict(gen_length=8, steps=4, top_k=5), "dream schedule only"),
-    (dict(gen_length=8, steps=0), "positive"),
+    (dict(gen_length=8, steps=0), r"steps must be an integer in \[1, 8\], got 0"),
     (dict(gen_length=8, steps=4, temperature=-1.0), "temperature"),
+    # issue 20: values that used to decode garbage or never return
+    (dict(gen_length=8, steps=9), r"steps must be an integer in \[1, 8\], got 9"),
+    (dict(gen_length=8, steps=10**9), r"steps must be an integer in \[1, 8\]"),
+    (dict(gen_length=8.0, steps=8), "gen_length must be an integer"),
+    (dict(gen_length=8, steps=4, temperature=float("nan")), "temperature must be a finite number >= 0.0, got nan"),
+    (dict(gen_length=8, steps=4, temperature=float("inf")), "temperature must be a finite number"),
+    (dict(gen_length=8, steps=4, cfg_scale=float("nan")), "cfg_scale must be a finite number"),
 ])
 def test_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         generate(static_model("llada"), torch.tensor([[5, 6]]), **kw)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(steps=9), r"steps must be an integer in \[1, 8\], got 9"),
+    (dict(steps=8, top_p=0.0), r"top_p must be a finite number in \(0.0, 1.0\]"),
+    (dict(steps=8, top_p=1.5), "top_p"),
+    (dict(steps=8, alg_temp=float("nan")), "alg_temp must be a finite number >= 0.0"),
+    (dict(steps=8, eps=0.0), "eps must be a finite number"),
+])
+def test_bad_arguments_dream_schedule(kw, match):
+    with pytest.raises(ValueError, match=match):
+        generate(static_model("dream"), torch.tensor([[5, 6]]), gen_length=8, **kw)
+
+
+@pytest.mark.parametrize("ids", [[[5, 6.0]], [[5, -1]], [[5, 10**6]], [[True, False]]])
+def test_prompt_ids_must_be_token_ids(ids):
+    t = torch.tensor(ids)
+    with pytest.raises(ValueError, match="prompt_ids must be integer token ids in"):
+        generate(static_model("llada"), t, gen_length=4, steps=4)
+
+
+def test_limits_accept_their_edges():
+    """Both sides of each limit: steps == gen_length, temperature 0, top_p 1 and alg_temp 0 run."""
+    generate(static_model("llada"), torch.tensor([[5, 6]]), gen_length=8, steps=8, temperature=0.0)
+    generate(static_model("dream"), torch.tensor([[5, 6]]), gen_length=8, steps=8, top_p=1.0, alg_temp=0.0)
 
 
 def test_callback_and_left_pad():

@@ -82,8 +82,8 @@ def test_dream_chat_and_show_steps(dream_ckpt, capsys):
     (["--gen-length", "8", "--prompt", " ".join(["w9"] * 300)], "exceeds the model's context"),
     (["--gen-length", "8", "--chat"], "no chat template"),
     (["--gen-length", "8", "--remasking", "bogus"], "remasking must be one of"),
-    (["--gen-length", "8", "--threshold", "1.5"], "--threshold must be in (0, 1]"),
-    (["--gen-length", "8", "--threshold", "0"], "--threshold must be in (0, 1]"),
+    (["--gen-length", "8", "--threshold", "1.5"], "--threshold must be a finite number in (0.0, 1.0]"),
+    (["--gen-length", "8", "--threshold", "0"], "--threshold must be a finite number in (0.0, 1.0]"),
     (["--gen-length", "8", "--cache", "dual", "--remasking", "margin"], "--remasking must be low_confidence or random"),
     (["--gen-length", "8", "--cache", "dual", "--cfg-scale", "1"], "--cfg-scale does not apply"),
 ])

@@ -187,6 +187,17 @@ def _read_resume(rd: Path, f: Path, read: Callable[[], Any]) -> Any:
                           f"{_DISCARD.format(rd=rd)}") from exc
 
 
+def _read_state(f: Path, n_blocks: int) -> dict[str, Any]:
+    """state.json: an object whose ``done`` is a block count in [0, n_blocks] and whose
+    ``records`` (optional) is a list; anything else raises CheckpointError naming the field."""
+    from ..validate import json_field, read_json
+
+    st = read_json(f)
+    json_field(st, "done", f, "int", lo=0, hi=n_blocks)
+    json_field(st, "records", f, "list", default=[])
+    return st
+
+
 def _install_block_state(layer: nn.Module, specs: dict[str, dict[str, Any]], state: dict[str, torch.Tensor]) -> None:
     for nm, spec in specs.items():
         _set(layer, nm, QuantLinear.from_spec(spec))
@@ -377,7 +388,7 @@ def calibrate(
         rd.mkdir(parents=True, exist_ok=True)
         st_path = rd / "state.json"
         if st_path.is_file():
-            st = _read_resume(rd, st_path, lambda: json.loads(st_path.read_text()))
+            st = _read_resume(rd, st_path, lambda: _read_state(st_path, len(model.layers)))
             if st.get("weights") != fingerprint:
                 raise ResumeError(f"{rd} holds a run of another model (weight fingerprint {st.get('weights')} vs "
                                   f"{fingerprint}); {_DISCARD.format(rd=rd)}")

@@ -28,12 +28,23 @@ from torch import nn
 from ..quant.flatquant import FlatBlock, _set_module
 from ..quant.hadamard import hadamard_matrix, hadamard_transform, random_hadamard_signs
 from ..quant.modules import OnlineTransform, PendingLinear
+from ..validate import check_float, check_int
 from ..quant.quantizer import QuantConfig, search_weight_clip
 
 __all__ = ["MethodConfig", "parse_method", "TRANSFORMS", "BlockContext", "get_transform", "METHOD_VERSION"]
 
 METHOD_VERSION = 1
 TRANSFORMS = ("rtn", "smoothquant", "quarot", "gptq", "flatquant", "fair")
+
+
+# One rule per numeric field: (lo, hi) for ints, (lo, hi, lo exclusive) for floats (finite).
+_INT_RULES: dict[str, tuple[int, int | None]] = {"seed": (0, 2**63 - 1), "gptq_block": (1, None),
+                                                  "epochs": (0, None), "batch_size": (1, None)}
+_FLOAT_RULES: dict[str, tuple[float, float | None, bool]] = {
+    "sq_alpha": (0.0, 1.0, False), "quarot_act_clip": (0.0, 1.0, True), "gptq_damp": (0.0, None, True),
+    "lr": (0.0, None, True), "clip_lr": (0.0, None, True), "weight_decay": (0.0, None, False),
+    "lr_min_ratio": (0.0, 1.0, False), "flat_alpha": (0.0, 1.0, False), "clip_init": (-1e4, 1e4, False),
+}
 
 
 @dataclass
@@ -70,15 +81,16 @@ class MethodConfig:
         if isinstance(self.quant, dict):
             self.quant = QuantConfig.from_dict(self.quant)
         parse_method(self.method)
-        # values that would crash deep inside a run (GPTQ's block loop) or train on NaNs
-        for name in ("lr", "clip_lr", "gptq_damp"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {v}")
-        if self.gptq_block < 1:
-            raise ValueError(f"gptq_block must be >= 1, got {self.gptq_block}")
-        if not 0.0 <= self.sq_alpha <= 1.0:
-            raise ValueError(f"sq_alpha must be in [0, 1], got {self.sq_alpha}")
+        # values that would crash deep inside a run (GPTQ's block loop), train on NaNs or never end
+        for name, (lo, hi) in _INT_RULES.items():
+            check_int(getattr(self, name), name, lo=lo, hi=hi)
+        for name, (lo, hi, lo_open) in _FLOAT_RULES.items():
+            check_float(getattr(self, name), name, lo=lo, hi=hi, lo_open=lo_open)
+        for name in ("fp_inputs", "gptq_act_order", "diag_scale", "learn_clip"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.w_clip_search is not None and not isinstance(self.w_clip_search, bool):
+            raise ValueError(f"w_clip_search must be a bool or None, got {self.w_clip_search!r}")
 
     @property
     def transform(self) -> str:
@@ -201,7 +213,7 @@ class SmoothQuantTransform(Transform):
         mc = ctx.model_config
         for role in ("qkv", "up_gate", "o", "down"):
             lins = [layer.get_submodule(nm) for nm in lm[role]]
-            wmax = torch.cat([l.weight.float().abs() for l in lins], 0).amax(0).clamp(min=1e-5)
+            wmax = torch.cat([lin.weight.float().abs() for lin in lins], 0).amax(0).clamp(min=1e-5)
             act = stats[role].to(wmax.device)
             s = (act.clamp(min=1e-5).pow(a) / wmax.pow(1 - a)).clamp(1e-5, 1e5)
             if role == "o":
@@ -220,8 +232,8 @@ class SmoothQuantTransform(Transform):
             else:
                 norm = layer.get_submodule(lm["norms"][role])
                 norm.weight.data = (norm.weight.float() / s).to(norm.weight.dtype)
-            for l in lins:
-                l.weight.data = (l.weight.float() * s[None, :]).to(l.weight.dtype)
+            for lin in lins:
+                lin.weight.data = (lin.weight.float() * s[None, :]).to(lin.weight.dtype)
         super().transform_block(layer, ctx)
 
 

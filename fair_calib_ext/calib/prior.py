@@ -40,7 +40,10 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["PositionPrior", "accumulate_trace", "finalize_prior", "probe_prior", "lambda0",
+from ..errors import CheckpointError
+from ..validate import json_field, read_json
+
+__all__ = ["PositionPrior", "finalize_prior", "probe_prior", "lambda0",
            "PRIOR_MODES", "LAMBDA0_SCHEDULES", "RELIABILITY", "PriorSpec", "PRIOR_PRESETS", "DEFAULT_PRIOR",
            "prior_spec", "ProbeStats", "probe_stats", "PROBE_POLICIES", "COMBINE", "rtn_student"]
 
@@ -53,7 +56,7 @@ def lambda0(t: int, steps: int, schedule: str = "early", rate: float = 3.0) -> f
     """λ0(t) for the global step t in 1..T (``rate``: the decay of ``exp``)."""
     if schedule == "early":
         return (steps - t + 1) / steps
-    if schedule in ("flat", "const"):
+    if schedule == "flat":
         return 1.0
     if schedule == "late":
         return t / steps
@@ -122,9 +125,24 @@ class PositionPrior:
         st, js = base.with_suffix(".safetensors"), base.with_suffix(".json")
         if not st.is_file() or not js.is_file():
             raise FileNotFoundError(f"prior {base}: need both {st.name} and {js.name}")
-        meta = json.loads(js.read_text())
-        return cls(load_file(str(st))["weights"], floor=meta["floor"], mode=meta["mode"],
-                   settings=meta.get("settings", {}), outside=meta.get("outside"))
+        meta = read_json(js)
+        floor = json_field(meta, "floor", js, "float", lo=0.0)
+        mode = json_field(meta, "mode", js, "str")
+        if mode not in PRIOR_MODES:
+            raise CheckpointError(f"{js}: field 'mode' must be one of {PRIOR_MODES}, got {mode!r}")
+        settings = json_field(meta, "settings", js, "dict", default={})
+        outside = json_field(meta, "outside", js, "float", lo=0.0, nullable=True, default=None)
+        try:
+            weights = load_file(str(st))["weights"]
+        except Exception as exc:  # noqa: BLE001 - safetensors' own error types, a missing "weights"
+            raise CheckpointError(f"{st}: not a prior's weights ({type(exc).__name__}: {exc})") from None
+        if weights.dim() != 1 or weights.numel() == 0 or not torch.isfinite(weights).all() or (weights < 0).any():
+            raise CheckpointError(f"{st}: 'weights' must be a non-empty 1-D tensor of finite values >= 0, got "
+                                  f"shape {tuple(weights.shape)}")
+        window = json_field(meta, "window", js, "int", default=weights.numel())
+        if window != weights.numel():
+            raise CheckpointError(f"{js}: field 'window' is {window} but {st.name} holds {weights.numel()} weights")
+        return cls(weights, floor=floor, mode=mode, settings=settings, outside=outside)
 
     def plot(self, path: str | os.PathLike[str]) -> None:
         """PNG of the prior over the window."""
@@ -162,26 +180,6 @@ def _row_normalised(c: torch.Tensor, mf: torch.Tensor) -> torch.Tensor:
     mean = (c * mf).sum(1, keepdim=True) / cnt.clamp(min=1)
     ok = (cnt > 0) & (mean.abs() > 0)
     return torch.where(ok, c / torch.where(ok, mean, torch.ones_like(mean)), torch.zeros_like(c)) * mf
-
-
-def accumulate_trace(trace: Any, f_acc: torch.Tensor, r_acc: torch.Tensor, *, lambda0_schedule: str = "early",
-                     lambda0_rate: float = 3.0, reliability: str = "prob", vocab_size: int | None = None,
-                     step_offset: int = 0, total_steps: int | None = None) -> None:
-    """Add one batch of rollouts (a filled Trace) into F [G] and R [G] in place.
-
-    ``trace.masked[t]``, ``commit[t]`` and the statistics are [B, G]. c̃ = c / mean(c over the
-    row's masked positions) (rows with no masked position add nothing).
-    """
-    steps = total_steps or len(trace.masked)
-    vocab = vocab_size or 2
-    for t in range(len(trace.masked)):
-        gstep = t + 1 + step_offset
-        m = trace.masked[t].bool()
-        c = trace.commit[t].bool()
-        f_acc += lambda0(gstep, steps, lambda0_schedule, lambda0_rate) * c.float().sum(0)
-        rel = _reliability(reliability, trace.prob[t].float(), trace.entropy[t].float(),
-                           trace.margin[t].float(), vocab)
-        r_acc += _row_normalised(rel, m.float()).sum(0)
 
 
 def finalize_prior(f_acc: torch.Tensor, r_acc: torch.Tensor, *, mode: str = "both", lambda1: float = 1.0,
@@ -295,7 +293,7 @@ class PriorSpec:
 
 
 # Candidate priors. The CLI default (DEFAULT_PRIOR) was chosen among the candidates whose window
-# max/min >= 1.5 on the *val* split only, by the rule in python/select_prior.py (lowest mean val
+# max/min >= 1.5 on the *val* split only, by the rule in python/reproduce.py (lowest mean val
 # frontier flip rate over both embedded models; within 0.10 points, higher val accuracy).
 PRIOR_PRESETS: dict[str, PriorSpec] = {
     "balanced": PriorSpec(combine="balanced", lambda1=1.0),  # the first default (flat)

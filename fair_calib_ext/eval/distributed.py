@@ -46,8 +46,7 @@ def init_distributed(device: str | None = None) -> DistContext:
         device: "cpu", "cuda" or None (CUDA if available). Under torchrun with CUDA, each rank
             uses ``cuda:LOCAL_RANK``.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # the rank itself comes from the process group
     local = int(os.environ.get("LOCAL_RANK", "0"))
     want_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if want_cuda and not torch.cuda.is_available():

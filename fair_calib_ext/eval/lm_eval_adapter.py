@@ -39,6 +39,7 @@ except ImportError as exc:  # optional dependency: say how to get it
         "(or `pip install lm_eval`)"
     ) from exc
 
+from ..validate import MAX_SEED
 from .accuracy import default_gen_kwargs, generate_texts
 from .distributed import init_distributed
 from .likelihood import mc_elbo_nll
@@ -55,6 +56,18 @@ def _to_bool(v: Any) -> bool:
 def _request_seed(seed: int, *parts: str) -> torch.Generator:
     h = zlib.crc32("\x00".join(parts).encode("utf-8"))
     return torch.Generator().manual_seed(seed * 4_294_967_311 + h)
+
+
+def _int_arg(value: int | str, name: str, lo: int, hi: int) -> int:
+    """A ``--model_args`` integer (given as a string by lm-eval) in [lo, hi]; ValueError naming it."""
+    from fair_calib_ext.validate import check_int
+
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise ValueError(f"fair_dllm: {name} must be an integer, got {value!r}") from None
+    return check_int(value, f"fair_dllm: {name}", lo=lo, hi=hi)
 
 
 class FairDLLM(LM):
@@ -102,16 +115,20 @@ class FairDLLM(LM):
         self._rank, self._world_size, self._device = ctx.rank, ctx.world_size, ctx.device
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"fair_dllm: dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        # the values that do not depend on the checkpoint, checked before it is read
+        self.mc_num = _int_arg(mc_num, "mc_num", 1, 4096)
+        bs = str(batch_size) if batch_size is not None else "32"
+        self.batch_size = 32 if bs == "auto" else _int_arg(bs, "batch_size", 1, 4096)  # "auto" -> a fixed default
+        self.seed = _int_arg(seed, "seed", 0, MAX_SEED)
         self.model = load_pretrained(pretrained, dtype=getattr(torch, dtype), device=ctx.device)
         self.tokenizer = load_tokenizer(tokenizer or pretrained)
-        self.mc_num = int(mc_num)
-        bs = str(batch_size) if batch_size is not None else "32"
-        self.batch_size = int(bs) if bs.isdigit() else 32  # "auto" -> a fixed default
-        self.seed = int(seed)
-        self.max_length = int(max_length) if max_length else int(self.model.config.max_position_embeddings)
+        ctx_len = int(self.model.config.max_position_embeddings)
+        self.max_length = _int_arg(max_length, "max_length", 1, ctx_len) if max_length else ctx_len
         self.gen_kwargs = default_gen_kwargs(
-            self.model, gen_length=int(gen_length) if gen_length else None, steps=int(steps) if steps else None,
-            block_length=int(block_length) if block_length else None, remasking=remasking,
+            self.model, gen_length=_int_arg(gen_length, "gen_length", 1, ctx_len) if gen_length else None,
+            steps=_int_arg(steps, "steps", 1, ctx_len) if steps else None,
+            block_length=_int_arg(block_length, "block_length", 1, ctx_len) if block_length else None,
+            remasking=remasking,
             generation_config=load_generation_config(pretrained), cache=cache, threshold=threshold,
         )
         start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id

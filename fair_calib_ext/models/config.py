@@ -6,7 +6,18 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..validate import check_float, check_int
+
 FAMILIES = ("llada", "dream")
+
+
+# Inclusive limits per size field: far above LLaDA-8B / Dream-7B (126464 / 152064 vocab, 4096 / 3584
+# wide, 32 / 28 layers, 4096 / 131072 positions), far below what would hang building the model.
+_INT_LIMITS: dict[str, tuple[int, int]] = {
+    "vocab_size": (1, 1 << 22), "hidden_size": (2, 1 << 16), "intermediate_size": (1, 1 << 18),
+    "num_hidden_layers": (1, 1024), "num_attention_heads": (1, 1024), "num_key_value_heads": (1, 1024),
+    "head_dim": (2, 4096), "max_position_embeddings": (1, 1 << 22), "mask_token_id": (0, (1 << 22) - 1),
+}
 
 
 @dataclass
@@ -45,6 +56,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        # types and ranges first: a huge or negative size would hang or fail deep inside the build
+        for name, (lo, hi) in _INT_LIMITS.items():
+            check_int(getattr(self, name), name, lo=lo, hi=hi)
+        check_float(self.rope_theta, "rope_theta", lo=0.0, lo_open=True)
+        check_float(self.rms_norm_eps, "rms_norm_eps", lo=0.0, hi=1.0, lo_open=True)
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "

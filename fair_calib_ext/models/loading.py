@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..validate import json_field, read_json
 from ..quant.checkpoint import install_quant_modules, read_quantization_block
 from . import dream, llada
 from .config import ModelConfig
@@ -70,28 +71,53 @@ def resolve_model_path(path_or_name: str | os.PathLike[str]) -> Path:
 
 
 def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """config.json of a checkpoint directory as a dict."""
+    """config.json of a checkpoint directory as a dict (a damaged file: one line naming it)."""
     f = Path(path) / "config.json"
     if not f.is_file():
         raise CheckpointError(f"{path}: no config.json")
-    with open(f, encoding="utf-8") as fh:
-        return json.load(fh)
+    return read_json(f)
 
 
-def parse_official_config(cfg: dict[str, Any]) -> ModelConfig:
-    """Dispatch on ``model_type`` ("llada" or "Dream") to the family parser."""
+# integer fields of the LLaDA and Dream config.json files (their official names)
+_SIZE_KEYS = ("d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size", "mlp_ratio", "embedding_size",
+              "max_sequence_length", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings", "mask_token_id")
+
+
+def parse_official_config(cfg: dict[str, Any], source: str | os.PathLike[str] = "config.json") -> ModelConfig:
+    """Dispatch on ``model_type`` ("llada" or "Dream") to the family parser.
+
+    A missing, wrong-typed or out-of-range field is a :class:`CheckpointError` naming ``source``
+    (the file the dict was read from), raised before anything is built.
+    """
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
     mt = cfg.get("model_type")
-    if mt not in _FAMILIES:
-        # tolerate case differences ("dream"), but name the accepted spellings on failure
-        lower = {k.lower(): v for k, v in _FAMILIES.items()}
-        if isinstance(mt, str) and mt.lower() in lower:
-            return lower[mt.lower()].parse_config(cfg)
-        raise CheckpointError(f"unsupported model_type {mt!r}; expected one of {sorted(_FAMILIES)}")
-    return _FAMILIES[mt].parse_config(cfg)
+    family = _FAMILIES.get(mt) if isinstance(mt, str) else None
+    if family is None and isinstance(mt, str):  # tolerate case differences ("dream")
+        family = {k.lower(): v for k, v in _FAMILIES.items()}.get(mt.lower())
+    if family is None:
+        raise CheckpointError(f"{source}: unsupported model_type {mt!r}; expected one of {sorted(_FAMILIES)}")
+    for key in _SIZE_KEYS:  # named here; the upper limits are ModelConfig's
+        json_field(cfg, key, source, "int", lo=0 if key == "mask_token_id" else 1, nullable=True, default=None)
+    for key in ("rope_theta", "rms_norm_eps"):
+        json_field(cfg, key, source, "float", lo=0.0, lo_open=True, nullable=True, default=None)
+    try:
+        return family.parse_config(cfg)
+    except (ValueError, TypeError, KeyError, ZeroDivisionError) as exc:  # int("abc"), d // 0, a missing key
+        raise CheckpointError(f"{source}: {exc}") from None
 
 
-def _family_module(config: ModelConfig):
-    return llada if config.family == "llada" else dream
+_BY_FAMILY = {"llada": llada, "dream": dream}  # ModelConfig.family -> the family's module
+
+
+def _family_module(config: ModelConfig):  # noqa: ANN202 - a module
+    """The family module of ``config``; a family nobody registered is refused, never taken for Dream."""
+    try:
+        return _BY_FAMILY[config.family]
+    except KeyError:
+        raise CheckpointError(f"model family {config.family!r} is not registered; known: {sorted(_BY_FAMILY)}") \
+            from None
 
 
 def official_config(config: ModelConfig) -> dict[str, Any]:
@@ -139,6 +165,23 @@ def _layer_key(native: str) -> tuple[int, str] | None:
     return int(idx), rel
 
 
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_dtype_device(dtype: Any, device: Any, fn: str) -> None:
+    """A floating dtype (or None: as stored) and a device this torch has, named when wrong."""
+    if dtype is not None and dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{fn}: dtype must be one of {', '.join(map(str, _FLOAT_DTYPES))} or None, got {dtype!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{fn}: device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{fn}: device {device!r}, but no CUDA device is available to this torch")
+    if dev.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"{fn}: device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
 def load_pretrained(
     path_or_name: str | os.PathLike[str],
     *,
@@ -163,13 +206,14 @@ def load_pretrained(
     from .streaming import CheckpointLayerSource
     from .weights import CheckpointTensors
 
+    _check_dtype_device(dtype, device, "load_pretrained")
     path = resolve_model_path(path_or_name)
     raw = read_config(path)
     if "quantization_config" in raw:
         if stream_layers:
             raise CheckpointError(f"{path} is a quantized checkpoint: stream_layers applies to full-precision ones")
         return load_quantized(path, dtype=dtype, device=device)
-    config = parse_official_config(raw)
+    config = parse_official_config(raw, path / "config.json")
     fam = _family_module(config)
     device = torch.device(device)
 
@@ -232,6 +276,15 @@ def load_pretrained(
     return model.eval()
 
 
+def _check_quantized_values(p: Path, name: str, t: torch.Tensor) -> None:
+    """A quantized layer's float tensors (scales, biases, transforms) must be finite, and its
+    per-channel scales > 0: a damaged or hand-edited value would give garbage outputs silently."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise CheckpointError(f"{p}: tensor {name} has inf or NaN values")
+    if name.endswith("weight_scale") and not bool((t > 0).all()):
+        raise CheckpointError(f"{p}: tensor {name} must be > 0 (per-channel scales), found {float(t.min())}")
+
+
 def load_quantized(path: str | os.PathLike[str], *, dtype: torch.dtype | None = torch.float32,
                    device: str | torch.device = "cpu", use_kernels: bool | None = None) -> nn.Module:
     """Rebuild a model saved by ``calib.save_quantized``; its linears run the packed int4 kernels.
@@ -248,7 +301,7 @@ def load_quantized(path: str | os.PathLike[str], *, dtype: torch.dtype | None = 
     p = resolve_model_path(path)
     raw = read_config(p)
     qconf = read_quantization_block(p, raw)
-    config = parse_official_config(raw)
+    config = parse_official_config(raw, p / "config.json")
     with torch.device("meta"):
         model = DiffusionLM(config)
         install_quant_modules(model, qconf, path=p, use_kernels=use_kernels)
@@ -288,6 +341,8 @@ def load_quantized(path: str | os.PathLike[str], *, dtype: torch.dtype | None = 
         for k in keys:
             want = None if k.startswith(qnames) else dtype
             state[k[len(prefix) + 1:]] = tensors.read(k, dtype=want)
+            if want is None and k.startswith(qnames):
+                _check_quantized_values(p, k, state[k[len(prefix) + 1:]])
         try:
             model.get_submodule(prefix).load_state_dict(state, strict=True, assign=True)
         except (RuntimeError, ValueError) as exc:  # out-of-range codes, wrong transform shapes
@@ -376,13 +431,27 @@ def save_pretrained(
     return out
 
 
+# the generation_config.json fields the samplers read: kind and range (None is allowed: "not set")
+_GENERATION_FIELDS: dict[str, tuple[str, float | None, float | None, bool]] = {
+    "gen_length": ("int", 1, 1 << 20, False), "max_new_tokens": ("int", 1, 1 << 20, False),
+    "steps": ("int", 1, 1 << 20, False), "block_length": ("int", 1, 1 << 20, False),
+    "temperature": ("float", 0.0, None, False), "top_p": ("float", 0.0, 1.0, True),
+    "top_k": ("int", 0, None, False), "alg_temp": ("float", 0.0, None, False), "eps": ("float", 0.0, 1.0, True),
+    "remasking": ("str", None, None, False), "alg": ("str", None, None, False),
+}
+
+
 def load_generation_config(path_or_name: str | os.PathLike[str]) -> dict[str, Any]:
-    """generation_config.json of a checkpoint as a dict ({} when absent)."""
+    """generation_config.json of a checkpoint as a dict ({} when absent); a damaged file or a
+    sampler field of the wrong type or range is one line naming the file and the field."""
     f = resolve_model_path(path_or_name) / "generation_config.json"
     if not f.is_file():
         return {}
-    with open(f, encoding="utf-8") as fh:
-        return json.load(fh)
+    gc = read_json(f)
+    for key, (kind, lo, hi, lo_open) in _GENERATION_FIELDS.items():
+        if key in gc:
+            json_field(gc, key, f, kind, lo=lo, hi=hi, lo_open=lo_open, nullable=True)
+    return gc
 
 
 def load_tokenizer(path_or_name: str | os.PathLike[str]):
@@ -397,16 +466,24 @@ def load_tokenizer(path_or_name: str | os.PathLike[str]):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(path_or_name)
+    # the JSON files the tokenizer classes read, checked first: a damaged one is one line naming it,
+    # not a traceback from deep inside transformers / tokenizers
+    for name in ("config.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "vocab.json"):
+        if (path / name).is_file():
+            read_json(path / name)
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-    except (ValueError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - remote-code classes, or a file the library cannot parse
         first_error = exc
-    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-        from transformers import Qwen2Tokenizer
+    try:
+        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+            from transformers import Qwen2Tokenizer
 
-        return Qwen2Tokenizer.from_pretrained(str(path), local_files_only=True)
-    if (path / "tokenizer.json").is_file():
-        from transformers import PreTrainedTokenizerFast
+            return Qwen2Tokenizer.from_pretrained(str(path), local_files_only=True)
+        if (path / "tokenizer.json").is_file():
+            from transformers import PreTrainedTokenizerFast
 
-        return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+            return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises its own types for bad files
+        raise CheckpointError(f"{path}: cannot load the tokenizer ({type(exc).__name__}: {exc})") from None
     raise CheckpointError(f"{path}: cannot load the tokenizer without remote code ({first_error})")

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..validate import json_field
 from .modules import QuantLinear
 
 __all__ = [
@@ -182,6 +183,13 @@ def read_quantization_block(path: str | os.PathLike[str], raw: dict[str, Any]) -
         if spec["w_bits"] not in (4, 8, 16) or spec["a_bits"] not in (4, 8, 16):
             raise CheckpointError(f"{path}: {name}: w_bits/a_bits must be 4, 8 or 16, got "
                                   f"{spec['w_bits']}/{spec['a_bits']}")
+        # the values the modules are built from, named in the file before anything is built
+        src = f"{path}/config.json quantization_config spec of {name}"
+        for key in ("in_features", "out_features"):
+            json_field(spec, key, src, "int", lo=1, hi=1 << 20)
+        json_field(spec, "bias", src, "bool")
+        json_field(spec, "act_clip", src, "float", lo=0.0, lo_open=True, hi=1e6)
+        json_field(spec, "transform", src, "dict", nullable=True, default=None)
     return qconf
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import _ext
 from .hadamard import hadamard_transform
 from .quantizer import check_codes, dequantize, fake_quant, pack_int4_ref, unpack_int4_ref
 
@@ -30,9 +31,7 @@ __all__ = ["OnlineTransform", "RefQuantLinear", "QuantLinear", "PendingLinear", 
 
 def kernels_available() -> bool:
     """True when the compiled ``fair`` ops (``fair_calib_ext._C``) loaded."""
-    import fair_calib_ext as pkg
-
-    return getattr(pkg, "_C", None) is not None
+    return _ext.available()
 
 
 _FALLBACK_WARNED = False  # one warning per process, however many layers fall back
@@ -43,10 +42,8 @@ def _warn_fallback() -> None:
     if _FALLBACK_WARNED:
         return
     _FALLBACK_WARNED = True
-    import fair_calib_ext as pkg
-
     warnings.warn(
-        f"fair_calib_ext._C did not load ({pkg._C_ERROR!r}): W4A4 layers run on the pure-torch "
+        f"fair_calib_ext._C did not load ({_ext.ERROR!r}): W4A4 layers run on the pure-torch "
         "fake-quant reference, not on the int4 kernels (same numerics up to fp32 rounding, much "
         "slower); install the package with `pip install .` to build the kernels",
         UserWarning, stacklevel=3)
@@ -75,14 +72,12 @@ def kernel_report(module: nn.Module | None = None) -> dict[str, Any]:
     """What calibration/evaluation logs record about the int4 path: ``kernel_path`` (see
     :func:`kernel_path`), ``cpu_isa`` (the CPU kernel path in use, None without the extension)
     and ``extension_error`` (why ``fair_calib_ext._C`` did not load, else None)."""
-    import fair_calib_ext as pkg
-
     isa = None
     if kernels_available():
-        from fair_calib_ext import ops
+        from .. import ops
 
         isa = ops.get_cpu_isa()
-    err = getattr(pkg, "_C_ERROR", None)
+    err = _ext.ERROR
     return {"kernel_path": kernel_path(module), "cpu_isa": isa,
             "extension_error": repr(err) if err is not None else None}
 
@@ -161,6 +156,12 @@ class OnlineTransform(nn.Module):
         return f"kind={self.kind}, size={self.size}" + (f", {self.n1}x{self.n2}" if self.kind == "kron" else "")
 
 
+def _check_in_features(x: torch.Tensor, in_features: int, layer: str) -> None:
+    if x.shape[-1] != in_features:
+        raise ValueError(f"{layer}: input's last dimension is {x.shape[-1]}, expected in_features={in_features} "
+                         f"(input shape {tuple(x.shape)})")
+
+
 class RefQuantLinear(nn.Module):
     """Pure-torch quantized linear with the deployed buffers.
 
@@ -209,6 +210,7 @@ class RefQuantLinear(nn.Module):
         return dequantize(self.int_weight(), self.weight_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_in_features(x, self.in_features, "RefQuantLinear")
         xq = fake_quant(x.float(), self.a_bits, self.act_clip)
         y = xq @ self.dequant_weight().T
         if self.bias is not None:
@@ -237,7 +239,7 @@ class QuantLinear(nn.Module):
                 _warn_fallback()
         self.uses_kernels = bool(use_kernels and w4a4)
         if self.uses_kernels:
-            from fair_calib_ext.nn import W4A4Linear
+            from ..nn import W4A4Linear
 
             self.linear: nn.Module = W4A4Linear(in_features, out_features, bias=bias, act_clip=float(act_clip))
         else:
@@ -253,9 +255,8 @@ class QuantLinear(nn.Module):
         m = cls(k, n, bias is not None, w_bits, a_bits, act_clip, transform, use_kernels)
         if m.uses_kernels:
             lin = m.linear
-            lin.weight_packed = _pack(q)
+            lin.weight_packed = _pack(q)  # on CPU the setter makes the kernel layout, once
             lin.weight_scale = scale.float().contiguous()
-            lin.prepack()  # CPU kernel layout, made once here (W4A4Linear re-makes it if stale)
         else:
             m.linear.set_weight(q, scale)
         if bias is not None:
@@ -268,6 +269,7 @@ class QuantLinear(nn.Module):
         return self.linear.int_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_in_features(x, self.in_features, "QuantLinear")  # before a transform could broadcast it
         if self.transform is not None:
             x = self.transform(x)
         return self.linear(x)
@@ -294,7 +296,7 @@ def _pack(q: torch.Tensor) -> torch.Tensor:
     check_codes(q, 4)  # before the int8 cast, which could wrap a code into range
     if not kernels_available():
         return pack_int4_ref(q)
-    from fair_calib_ext import ops
+    from .. import ops
 
     return ops.pack_int4(q.to(torch.int8).contiguous())
 

@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..validate import check_float, check_int
 from .trace import DecodeStats, Trace
 
 __all__ = [
@@ -399,6 +400,16 @@ def _generate_fast(
     return out
 
 
+def _check_optional(top_p: float | None, alg_temp: float | None, eps: float | None) -> None:
+    """Dream's optional floats, when given: top_p in (0, 1], alg_temp >= 0, eps in (0, 1]."""
+    if top_p is not None:
+        check_float(top_p, "top_p", lo=0.0, hi=1.0, lo_open=True)
+    if alg_temp is not None:
+        check_float(alg_temp, "alg_temp", lo=0.0)
+    if eps is not None:
+        check_float(eps, "eps", lo=0.0, hi=1.0, lo_open=True)
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -509,12 +520,18 @@ def generate(
         prompt_ids = prompt_ids[None]
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
         raise ValueError(f"prompt_ids must be [B, P] with P >= 1, got shape {tuple(prompt_ids.shape)}")
-    if gen_length <= 0 or steps <= 0:
-        raise ValueError(f"gen_length and steps must be positive, got {gen_length} and {steps}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if cfg_scale < 0:
-        raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
+    vocab = getattr(cfg, "vocab_size", None)
+    if prompt_ids.is_floating_point() or prompt_ids.is_complex() or prompt_ids.dtype == torch.bool or (
+            vocab is not None and not bool(((prompt_ids >= 0) & (prompt_ids < vocab)).all())):
+        raise ValueError(f"prompt_ids must be integer token ids in [0, {vocab}), got {prompt_ids.dtype} values in "
+                         f"[{prompt_ids.min().item()}, {prompt_ids.max().item()}]")
+    # every step commits at least one token, so steps > gen_length cannot help (and a huge value
+    # never returns); NaN/inf temperatures or scales would decode garbage without an error
+    gen_length = check_int(gen_length, "gen_length", lo=1)
+    steps = check_int(steps, "steps", lo=1, hi=gen_length)
+    temperature = check_float(temperature, "temperature", lo=0.0)
+    cfg_scale = check_float(cfg_scale, "cfg_scale", lo=0.0)
+    _check_optional(top_p, alg_temp, eps)
     b, p = prompt_ids.shape
     max_len = getattr(cfg, "max_position_embeddings", None)
     if max_len is not None and p + gen_length > max_len:
