@@ -143,6 +143,37 @@ def test_noise_probe_counts_student_disagreements(llada) -> None:
     assert set(st.frontier.unique().tolist()) <= {0.0, 1.0}
 
 
+@pytest.mark.parametrize("family", ["tiny-llada", "tiny-dream"])
+def test_noise_probe_with_the_fast_decoder(family) -> None:
+    """The decoder-matched probe: rollouts with the Fast-dLLM dual cache + threshold are the
+    sampler's own (same commits as generate with those settings), steps commit several positions,
+    and the NaN statistics outside a cached window stay out of the prior."""
+    from fair_calib_ext.sampling import Trace, generate
+
+    m, tok = load_pretrained(family), load_tokenizer(family)
+    prompts = _prompts(tok, 8)
+    dec = {"block_length": 4, "cache": "dual", "threshold": 0.9}
+    st = probe_stats(m, prompts, policy="noise", n_probe=8, gen_length=12, batch_size=8, student=m, progress=False,
+                     decoder=dec)
+    assert st.settings["sampler"]["cache"] == "dual" and st.settings["sampler"]["threshold"] == 0.9
+    assert float(st.frontier.sum()) == 0.0  # teacher = student
+    assert (st.commit_step > 0).all()  # every position committed once per rollout
+    for k in st.masked_rel:
+        assert torch.isfinite(st.masked_rel[k]).all()
+    w = st.prior(PRIOR_PRESETS["noise"]).weights
+    assert torch.isfinite(w).all() and float(w.min()) > 0
+    # the commit steps are those of generate(cache="dual", threshold=0.9) on the same prompt
+    rm = "entropy" if family == "tiny-dream" else "low_confidence"
+    tr = Trace()
+    generate(m, torch.tensor([prompts[0]]), gen_length=12, steps=12, remasking=rm, trace=tr, **dec)
+    torch.testing.assert_close(st.commit_step[0], tr.commit_step()[0] + 1)
+    assert int(st.commit_step[0].max()) < 12  # the threshold committed several positions in some step
+    with pytest.raises(ValueError, match="decoder"):
+        probe_stats(m, prompts, policy="random", n_probe=2, gen_length=12, decoder=dec, progress=False)
+    with pytest.raises(ValueError, match="unknown keys"):
+        probe_stats(m, prompts, policy="noise", n_probe=2, gen_length=12, decoder={"steps": 3}, progress=False)
+
+
 def test_literal_combine_keeps_lambda1_as_a_real_scale() -> None:
     f = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
     r = torch.tensor([10.0, 20.0, 30.0], dtype=torch.float64)

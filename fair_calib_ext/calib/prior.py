@@ -351,7 +351,8 @@ class ProbeStats:
                               outside=spec.outside, combine=spec.combine)
 
 
-def _stats_from_trace(trace: Any, vocab: int, student_top1: list[torch.Tensor] | None, policy: str
+def _stats_from_trace(trace: Any, vocab: int, student_top1: list[torch.Tensor] | None, policy: str,
+                      teacher_top1: list[torch.Tensor] | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     steps = len(trace.masked)
     b, g = trace.masked[0].shape
@@ -367,11 +368,14 @@ def _stats_from_trace(trace: Any, vocab: int, student_top1: list[torch.Tensor] |
         elif policy == "sampler":
             frontier[c] = (1.0 - trace.margin[t].float()).clamp(0, 1)[c]
         else:
-            frontier[c] = (student_top1[t] != trace.tokens[t]).float()[c]
-        mf = m.double()
+            ref = trace.tokens[t] if teacher_top1 is None else teacher_top1[t]
+            frontier[c] = (student_top1[t] != ref).float()[c]
+        # a cached step's forward covers a window only: positions outside it have NaN statistics
+        seen = ~torch.isnan(trace.prob[t])
+        mf = (m & seen).double()
         for k in RELIABILITY:
             c_ = _reliability(k, trace.prob[t].double(), trace.entropy[t].double(), trace.margin[t].double(), vocab)
-            rel[k] += _row_normalised(c_, mf)
+            rel[k] += _row_normalised(torch.nan_to_num(c_), mf)
     return commit_step, frontier, rel
 
 
@@ -389,6 +393,7 @@ def probe_stats(
     seed: int = 0,
     student: torch.nn.Module | None = None,
     progress: bool = True,
+    decoder: dict[str, Any] | None = None,
 ) -> ProbeStats:
     """Stage I rollouts of the FP teacher → :class:`ProbeStats` over K = ``gen_length`` positions.
 
@@ -398,6 +403,15 @@ def probe_stats(
     ``noise``: the model family's own decoding defaults (LLaDA low-confidence, Dream entropy) with
     ``steps`` (default K). ``noise`` also runs ``student`` (default: an RTN W4A4 copy of the teacher)
     on every teacher state and records whether its top-1 differs from the teacher's commit.
+
+    ``decoder`` (``sampler`` / ``noise`` only): sampler settings that replace the family defaults,
+    keys ``block_length``, ``cache`` and ``threshold`` — e.g. ``{"block_length": 4, "cache": "dual",
+    "threshold": 0.9}`` probes with the Fast-dLLM decoder that will be deployed (the
+    decoder-matched prior). With a cache or a threshold each rollout is its own ``generate`` call
+    (Fast-dLLM decodes batch 1), a step may commit several positions, and positions outside a
+    cached step's window (NaN statistics in the trace) are left out of that step's reliability.
+    The noise student runs one full forward on each teacher state; with a cache the teacher runs
+    one too and the frontier compares the two (the cache's own approximation is not counted).
     """
     import time as _time
 
@@ -414,12 +428,21 @@ def probe_stats(
     t0 = _time.perf_counter()
     steps = steps or gen_length
     if policy == "random":
+        if decoder:
+            raise ValueError("decoder applies to the 'sampler' and 'noise' policies, not 'random'")
         block_length = min(block_length, gen_length)
         gkw: dict[str, Any] = {"block_length": block_length, "remasking": "random", "schedule": "llada"}
     else:
+        dec = dict(decoder or {})
+        bad = set(dec) - {"block_length", "cache", "threshold"}
+        if bad:
+            raise ValueError(f"decoder: unknown keys {sorted(bad)}; allowed: block_length, cache, threshold")
         d = default_gen_kwargs(model, gen_length=gen_length, steps=steps,
-                               generation_config=getattr(model, "generation_config", {}))
+                               generation_config=getattr(model, "generation_config", {}), **dec)
         gkw = {"block_length": d["block_length"], "remasking": d["remasking"]}
+        if "cache" in d:  # Fast-dLLM decoding (a cache or a threshold): one prompt per generate call
+            gkw.update(cache=d["cache"], threshold=d["threshold"])
+            batch_size = 1
     if policy == "noise" and student is None:
         student = rtn_student(model)
     order = [plist[i % len(plist)] for i in range(n_probe)]
@@ -438,16 +461,22 @@ def probe_stats(
         tr = Trace()
         generate(model, x, gen_length=gen_length, steps=steps, temperature=0.0, trace=tr, generator=gen,
                  attention_mask=mask, **gkw)
-        s_top1 = None
+        s_top1 = t_top1 = None
         if policy == "noise":
             s_top1 = []
+            # with a KV cache the teacher committed from approximate (cached) states; the
+            # student's full forward is compared with the teacher's full forward on the same
+            # state, so the frontier counts quantization disagreements, not the cache's
+            t_top1 = [] if gkw.get("cache") else None
             full_mask = None if mask is None else torch.cat([mask, torch.ones(mask.shape[0], gen_length, dtype=mask.dtype,
                                                                                device=mask.device)], 1)
             for t in range(len(tr.canvas)):
                 state = torch.cat([x, tr.canvas[t].to(dev)], 1)
                 lg = student.denoise_logits(state, full_mask)[:, x.shape[1]:]
                 s_top1.append(lg.argmax(-1).cpu())
-        cs, fr, rel = _stats_from_trace(tr, vocab, s_top1, policy)
+                if t_top1 is not None:
+                    t_top1.append(model.denoise_logits(state, full_mask)[:, x.shape[1]:].argmax(-1).cpu())
+        cs, fr, rel = _stats_from_trace(tr, vocab, s_top1, policy, t_top1)
         parts.append((idx, cs, fr, rel))
         if bar is not None:
             bar.update(len(idx))
