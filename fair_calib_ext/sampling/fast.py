@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.transformer import KVCache, align_logits
+from .generate import _record_before
 from .trace import DecodeStats, Trace
 
 __all__ = ["fast_dream", "fast_llada"]
@@ -91,31 +92,6 @@ def _window_logits(model: torch.nn.Module, x: torch.Tensor, ws: int, we: int, kv
     if kv is None:  # no cache: the whole sequence, aligned as usual, then the window's columns
         return align_logits(model(x).logits, shift)[:, ws:we]
     return align_logits(model(x[:, ws:we], kv_cache=kv, start=ws).logits, shift)
-
-
-def _record_before(trace: Trace | None, x: torch.Tensor, logits: torch.Tensor, ws: int, p: int,
-                   mask_id: int) -> None:
-    """Like the default samplers' record, for logits that cover positions [ws, ws + W) only."""
-    if trace is None:
-        return
-    from .generate import _stats
-
-    region = x[:, p:]
-    trace.canvas.append(region.cpu().clone())
-    trace.masked.append((region == mask_id).cpu())
-    if trace.record_stats:
-        b, g = region.shape
-        top1 = torch.full((b, g), -1, dtype=torch.long)
-        prob, ent, margin = (torch.full((b, g), float("nan")) for _ in range(3))
-        a, e = max(ws, p), ws + logits.shape[1]
-        if e > a:
-            t1, pr, en, mg = _stats(logits[:, a - ws:e - ws])
-            top1[:, a - p:e - p], prob[:, a - p:e - p] = t1.cpu(), pr.cpu()
-            ent[:, a - p:e - p], margin[:, a - p:e - p] = en.cpu(), mg.cpu()
-        trace.top1.append(top1)
-        trace.prob.append(prob)
-        trace.entropy.append(ent)
-        trace.margin.append(margin)
 
 
 def _block_positions(ws: int, width: int, lo: int, hi: int, device: torch.device) -> torch.Tensor:
@@ -204,7 +180,7 @@ def fast_llada(
                     _rand(logits.shape, generator, logits.device, torch.float64)
             count.tick()
             xw = x[:, ws:ws + logits.shape[1]]  # a view: commits below write into x
-            _record_before(trace, x, logits, ws, p, mask_id)
+            _record_before(trace, x, logits, p, mask_id, ws)
             before = x.clone() if trace is not None else x
             mask_index = (xw == mask_id) & _block_positions(ws, xw.shape[1], lo, hi, x.device)
             k = counts[i] if i < len(counts) else 0
@@ -265,7 +241,7 @@ def fast_dream(
         # refresh: whole sequence, cache filled, the block's first position committed
         logits, kv = _refresh(model, x, cache, True)
         count.tick()
-        _record_before(trace, x, logits, 0, p, mask_id)
+        _record_before(trace, x, logits, p, mask_id)
         before = x.clone() if trace is not None else x
         _, x0 = _dream_candidates(logits[0], temperature, top_p, top_k, "maskgit_plus", generator)
         x[0, lo] = x0[lo]
@@ -278,7 +254,7 @@ def fast_dream(
             logits = _window_logits(model, x, ws, we, kv, True)
             count.tick()
             xw = x[:, ws:we]
-            _record_before(trace, x, logits, ws, p, mask_id)
+            _record_before(trace, x, logits, p, mask_id, ws)
             before = x.clone() if trace is not None else x
             in_block = _block_positions(ws, xw.shape[1], lo, hi, x.device)
             if threshold is not None:

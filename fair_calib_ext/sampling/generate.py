@@ -125,18 +125,30 @@ def _stats(logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return top2.indices[..., 0], top2.values[..., 0], ent, top2.values[..., 0] - top2.values[..., 1]
 
 
-def _record_before(trace: Trace | None, x: torch.Tensor, logits: torch.Tensor, p: int, mask_id: int) -> None:
+def _record_before(trace: Trace | None, x: torch.Tensor, logits: torch.Tensor, p: int, mask_id: int,
+                   ws: int = 0) -> None:
+    """The step's canvas, mask and (record_stats) per-position stats, before it commits.
+
+    ``logits`` cover positions [ws, ws + W) (the whole sequence for the default samplers; a
+    cached window for Fast-dLLM's); generated positions outside it get NaN / -1 stats."""
     if trace is None:
         return
     region = x[:, p:]
     trace.canvas.append(region.cpu().clone())
     trace.masked.append((region == mask_id).cpu())
     if trace.record_stats:
-        top1, prob, ent, margin = _stats(logits[:, p:])
-        trace.top1.append(top1.cpu())
-        trace.prob.append(prob.cpu())
-        trace.entropy.append(ent.cpu())
-        trace.margin.append(margin.cpu())
+        b, g = region.shape
+        top1 = torch.full((b, g), -1, dtype=torch.long)
+        prob, ent, margin = (torch.full((b, g), float("nan")) for _ in range(3))
+        a, e = max(ws, p), ws + logits.shape[1]
+        if e > a:
+            t1, pr, en, mg = _stats(logits[:, a - ws:e - ws])
+            top1[:, a - p:e - p], prob[:, a - p:e - p] = t1.cpu(), pr.cpu()
+            ent[:, a - p:e - p], margin[:, a - p:e - p] = en.cpu(), mg.cpu()
+        trace.top1.append(top1)
+        trace.prob.append(prob)
+        trace.entropy.append(ent)
+        trace.margin.append(margin)
 
 
 def _record_after(trace: Trace | None, before: torch.Tensor, x: torch.Tensor, p: int, mask_id: int) -> None:
